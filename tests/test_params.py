@@ -1,0 +1,82 @@
+"""params.yaml loading: strict keys, types and ranges, with messages that say what to fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import ParamError, Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path, data) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_committed_params_yaml_loads_and_sets_every_field():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    for section in ("render", "tokenizer", "tokenize", "train"):
+        declared = set(vars(getattr(params, section)))
+        assert declared == set(raw[section]), f"params.yaml section '{section}' should list every key"
+
+
+def test_typo_names_the_key_and_suggests_the_right_one(tmp_path):
+    path = write_params(tmp_path, {"train": {"batch_sise": 8}})
+    with pytest.raises(ParamError, match=r"unknown key 'train\.batch_sise'.*did you mean 'train\.batch_size'"):
+        load_params(path)
+
+
+def test_typo_in_nested_section_and_in_section_name():
+    with pytest.raises(ParamError, match=r"train\.model\.n_layers.*train\.model\.n_layer"):
+        parse_params({"train": {"model": {"n_layers": 2}}})
+    with pytest.raises(ParamError, match=r"unknown key 'tokenise'.*'tokenize'"):
+        parse_params({"tokenise": {}})
+
+
+@pytest.mark.parametrize("section, key, value, allowed", [
+    ("tokenize", "val_ratio", 1.0, r"in \[0, 1\)"),
+    ("tokenize", "val_ratio", -0.1, r"in \[0, 1\)"),
+    ("train", "batch_size", 0, ">= 1"),
+    ("train", "batch_size", 2.5, "a whole number"),
+    ("train", "batch_size", True, "a whole number"),
+    ("tokenize", "shuffle", "yes", "true or false"),
+    ("render", "format", "csv", "one of 'auto', 'text'"),
+    ("train", "lr", "fast", "a number"),
+    ("train", "resume", "maybe", "one of 'auto', 'require', 'never'"),
+])
+def test_wrong_type_or_range_names_key_value_and_what_is_allowed(section, key, value, allowed):
+    with pytest.raises(ParamError, match=rf"{section}\.{key} = .* is not allowed; expected {allowed}"):
+        parse_params({section: {key: value}})
+
+
+def test_float_written_without_a_dot_is_accepted():
+    # YAML 1.1 reads 3e-4 as a string; people write learning rates that way.
+    params = parse_params(yaml.safe_load("train: {lr: 3e-4, min_lr: 1e-5}"))
+    assert params.train.lr == pytest.approx(3e-4)
+
+
+def test_missing_keys_take_defaults():
+    assert parse_params({}) == Params()
+
+
+def test_rules_across_keys(tmp_path):
+    with pytest.raises(ParamError, match="tokenizer_path is empty"):
+        load_params(write_params(tmp_path, {"tokenizer": {"tokenizer_type": "huggingface"}}))
+    with pytest.raises(ParamError, match="seq_len = 1024 is above train.model.max_position_embeddings = 512"):
+        load_params(write_params(tmp_path, {"train": {"seq_len": 1024, "model": {"max_position_embeddings": 512}}}))
+    with pytest.raises(ParamError, match="min_lr"):
+        load_params(write_params(tmp_path, {"train": {"lr": 1e-4, "min_lr": 1e-3}}))
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ParamError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamError, match="not valid YAML"):
+        load_params(bad)
