@@ -1,0 +1,309 @@
+"""Tokenize stage: rendered records -> token files for training and validation (docs/formats.md).
+
+Run it as `python -m stages.tokenize`; run as a script this file would shadow the standard library's `tokenize`.
+
+How it stays fast and bounded in memory:
+- one pass notes where each record's line starts; documents are split and shuffled as indices and read back by
+  offset, so memory holds two numbers per document, never the corpus;
+- text is encoded about `tokenize.chunk_mb` at a time with `encode_batch`, which spreads documents over the cores,
+  and the ids are written out before the next chunk is read;
+- character offsets (needed for the loss mask) are computed only for documents that mix prompt and response.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain, repeat
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from stages.errors import UserError, run_stage
+from stages.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
+from stages.token_files import FORMAT_VERSION, SplitWriter, id_dtype, partial_folder, token_dtype
+
+RECORDS_FILE = "records.jsonl"
+_INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
+
+
+@dataclass
+class TokenizerInfo:
+    """The `tokenizers` backend of the tokenizer folder, and what the token files record about it."""
+
+    backend: Tokenizer
+    eos_id: int
+    vocab_size: int
+    fingerprint: str
+
+
+@dataclass
+class Document:
+    """One rendered record: its whole text and the character ranges that count in the loss."""
+
+    text: str
+    response_spans: list[tuple[int, int]]
+
+    def all_response(self) -> bool:
+        """True when every character is response text (plain text records)."""
+        return self.response_spans == [(0, len(self.text))]
+
+
+def main() -> None:
+    """Entry point of `python -m stages.tokenize`."""
+    params = load_params()
+    tokenize_records(RENDERED_DIR / RECORDS_FILE, TOKENIZER_DIR, TOKENS_DIR, params.tokenize)
+
+
+def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, params: TokenizeParams) -> dict:
+    """Encode every record into `out_dir` (meta.json, .bin/.mask.bin and/or .jsonl); return the meta."""
+    records_path = Path(records_path)
+    tok = load_tokenizer(Path(tokenizer_dir))
+    starts, lengths = index_records(records_path)
+    if len(starts) == 0:
+        raise UserError(f"{records_path} holds no records: check render.data_path and rerun the render stage")
+    splits = dict(zip(("train", "val"), split_documents(len(starts), params.val_ratio, params.shuffle, params.seed)))
+    dtype = token_dtype(tok.vocab_size)
+    save_jsonl = params.emit_jsonl or not params.save_bin
+    chunk_bytes = max(1, int(params.chunk_mb * (1 << 20)))
+    meta = {"format_version": FORMAT_VERSION, "dtype": dtype, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "tokenizer_fingerprint": tok.fingerprint, "splits": {}, "bin": params.save_bin, "jsonl": save_jsonl}
+    with partial_folder(out_dir) as folder, _Progress(int(lengths.sum())) as progress:
+        for split, order in splits.items():
+            with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
+                chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
+                for docs, nbytes in prefetched(chunks):
+                    ids, mask, doc_lengths = encode_documents(tok, docs, dtype, params.train_on_prompt)
+                    writer.write(ids, mask, doc_lengths)
+                    progress.advance(nbytes, len(ids))
+            meta["splits"][split] = writer.summary()
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print_summary(meta)
+    return meta
+
+
+def load_tokenizer(folder: Path) -> TokenizerInfo:
+    """Load `tokenizer.json` with the `tokenizers` library and find its EOS id and full vocabulary size."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise UserError(f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
+    backend = Tokenizer.from_file(str(path))
+    # A tokenizer.json may carry truncation or padding settings; either would silently change the documents.
+    backend.no_truncation()
+    backend.no_padding()
+    eos = _eos_token(folder)
+    eos_id = backend.token_to_id(eos)
+    if eos_id is None:
+        raise UserError(f"{folder}: the EOS token {eos!r} is not in tokenizer.json; rerun the tokenizer stage")
+    # len(tokenizer) counts added tokens; ids may also have gaps, so the largest id bounds the vocabulary too.
+    vocab = backend.get_vocab(with_added_tokens=True)
+    vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+    fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()
+    return TokenizerInfo(backend, eos_id, vocab_size, fingerprint)
+
+
+def _eos_token(folder: Path) -> str:
+    """The EOS token's text, as HuggingFace's tokenizer_config.json (or special_tokens_map.json) names it."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.exists():
+            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if isinstance(eos, str) and eos:
+                return eos
+    raise UserError(f"{folder} names no eos_token in tokenizer_config.json: every document must end with EOS; "
+                    "rerun the tokenizer stage, or add \"eos_token\" to that file")
+
+
+def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offset and byte length of every non-blank line of `path`, in one streaming pass."""
+    if not path.exists():
+        raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
+    line_starts, newlines, size = [np.zeros(1, np.int64)], [], 0
+    with open(path, "rb") as f:
+        while block := f.read(_INDEX_BLOCK):
+            at = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")).astype(np.int64) + size
+            newlines.append(at)
+            line_starts.append(at + 1)
+            size += len(block)
+    starts = np.concatenate(line_starts)
+    ends = np.concatenate(newlines + [np.array([size], np.int64)])
+    lengths = ends - starts
+    keep = lengths > 0
+    return starts[keep], lengths[keep]
+
+
+def split_documents(n_docs: int, val_ratio: float, shuffle: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document indices of the train and val splits, in the order they are written.
+
+    With `shuffle` the order is a permutation drawn from `seed` (the same seed, the same split and order). A
+    positive `val_ratio` always leaves at least one validation and one training document.
+    """
+    n_val = 0
+    if val_ratio > 0:
+        if n_docs < 2:
+            raise UserError(f"only {n_docs} document(s) to split, but tokenize.val_ratio = {val_ratio} needs at "
+                            "least 2 (one for training, one for validation); add data or set val_ratio: 0")
+        n_val = min(max(1, round(n_docs * val_ratio)), n_docs - 1)
+    order = np.random.default_rng(seed).permutation(n_docs) if shuffle else np.arange(n_docs)
+    return order[:n_docs - n_val], order[n_docs - n_val:]
+
+
+def read_documents(path: Path, starts: np.ndarray, lengths: np.ndarray, order: np.ndarray,
+                   chunk_bytes: int) -> Iterator[tuple[list[Document], int]]:
+    """Yield the documents `order` names, in that order, in chunks of about `chunk_bytes` of records."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        docs, nbytes = [], 0
+        for first in range(0, len(order), 4096):
+            picked = order[first:first + 4096]
+            for start, length in zip(starts[picked].tolist(), lengths[picked].tolist()):
+                docs.append(_parse_at(path, os.pread(fd, length, start), start))
+                nbytes += length
+                if nbytes >= chunk_bytes:
+                    yield docs, nbytes
+                    docs, nbytes = [], 0
+        if docs:
+            yield docs, nbytes
+    finally:
+        os.close(fd)
+
+
+def prefetched(items: Iterator) -> Iterator:
+    """Yield from `items`, producing the next item in a background thread meanwhile.
+
+    encode_batch releases the GIL, so reading and parsing the next chunk overlaps with encoding this one; on
+    a many-core machine that parsing would otherwise be the bottleneck. One chunk ahead bounds the memory.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, items, None)
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next, items, None)
+            yield item
+
+
+def _parse_at(path: Path, line: bytes, offset: int) -> Document:
+    try:
+        return parse_record(line)
+    except ValueError as err:
+        raise UserError(f"{path}, line {_line_number(path, offset)}: {err}; records are written by the render "
+                        "stage (see docs/formats.md): rerun it") from None
+
+
+def _line_number(path: Path, offset: int) -> int:
+    # Only on the error path: counting newlines up to `offset` costs a read of the file's head.
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def parse_record(line: bytes | str) -> Document:
+    """One line of records.jsonl as a Document; ValueError says what is wrong with it."""
+    try:
+        record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except ValueError as err:
+        raise ValueError(f"not valid JSON ({err})") from None
+    segments = record.get("segments") if isinstance(record, dict) else None
+    if not isinstance(segments, list):
+        raise ValueError("expected a JSON object with a \"segments\" list")
+    texts, spans, at = [], [], 0
+    for segment in segments:
+        text = segment.get("text") if isinstance(segment, dict) else None
+        response = segment.get("response") if isinstance(segment, dict) else None
+        if not isinstance(text, str) or not isinstance(response, bool):
+            raise ValueError("each segment must be {\"text\": string, \"response\": true or false}")
+        if response and text:
+            if spans and spans[-1][1] == at:  # neighbouring response segments form one span
+                spans[-1] = (spans[-1][0], at + len(text))
+            else:
+                spans.append((at, at + len(text)))
+        texts.append(text)
+        at += len(text)
+    return Document("".join(texts), spans)
+
+
+def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
+                     train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids (each document followed by EOS), loss mask, and tokens per document for a chunk of documents."""
+    texts = [doc.text for doc in docs]
+    partial = [] if train_on_prompt else [i for i, doc in enumerate(docs) if not doc.all_response()]
+    mixed = any(docs[i].response_spans for i in partial)
+    # Offsets cost time and memory; only a document mixing prompt and response text needs them.
+    encode = tok.backend.encode_batch if mixed else tok.backend.encode_batch_fast
+    encodings = encode(texts, add_special_tokens=False)
+    id_lists = [enc.ids for enc in encodings]
+    doc_lengths = np.fromiter((len(ids) + 1 for ids in id_lists), np.int64, count=len(id_lists))
+    total = int(doc_lengths.sum())
+    ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(id_lists, repeat((tok.eos_id,))))),
+                      id_dtype(dtype), count=total)
+    mask = np.ones(total, np.uint8)
+    ends = np.cumsum(doc_lengths)
+    for i in partial:
+        doc, start, end = docs[i], int(ends[i] - doc_lengths[i]), int(ends[i])
+        if doc.response_spans:  # EOS stays 1: ending the answer is part of the answer
+            mask[start:end - 1] = response_token_mask(encodings[i].offsets, doc.response_spans, len(doc.text))
+        else:
+            mask[start:end] = 0
+    return ids, mask, doc_lengths
+
+
+def response_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], n_chars: int) -> np.ndarray:
+    """1 for each token whose characters overlap a response span, from the tokens' character offsets.
+
+    Overlap (not containment) is the rule because BPE may merge across a boundary, e.g. the space before an
+    answer with its first word: that token is the answer's first token. A zero-width token (some tokenizers give
+    added prefixes no width) is judged by the character at its position.
+    """
+    if not offsets:
+        return np.zeros(0, np.uint8)
+    is_response = np.zeros(n_chars + 1, np.int64)
+    for start, end in spans:
+        is_response[start] += 1
+        is_response[end] -= 1
+    covered = np.concatenate(([0], np.cumsum(np.cumsum(is_response[:n_chars]) > 0)))
+    bounds = np.asarray(offsets, np.int64).reshape(-1, 2)
+    starts = np.minimum(bounds[:, 0], n_chars)
+    ends = np.minimum(np.maximum(bounds[:, 1], starts + 1), n_chars)
+    return (covered[ends] - covered[starts] > 0).astype(np.uint8)
+
+
+class _Progress:
+    """A tqdm bar over the records' bytes (so it shows MB/s), with tokens/s beside it."""
+
+    def __init__(self, total_bytes: int):
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
+                        dynamic_ncols=True, mininterval=0.5)
+        self.tokens = 0
+        self.started = time.monotonic()
+
+    def advance(self, nbytes: int, ntokens: int) -> None:
+        """Count a chunk of records as done."""
+        self.tokens += ntokens
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate / 1e3:,.0f}k tokens/s", refresh=False)
+        self.bar.update(nbytes)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def print_summary(meta: dict) -> None:
+    """Documents, tokens, tokens per document and share of tokens in the loss, per split."""
+    for split, s in meta["splits"].items():
+        per_doc = s["tokens"] / s["documents"] if s["documents"] else 0
+        share = s["loss_tokens"] / s["tokens"] if s["tokens"] else 0
+        print(f"tokenize: {split}: {s['documents']:,} documents, {s['tokens']:,} tokens ({per_doc:.1f} per document), "
+              f"{share:.1%} of tokens in the loss")
+
+
+if __name__ == "__main__":
+    run_stage(main)
