@@ -1,0 +1,198 @@
+"""Evaluate stage: score the exported model on the validation tokens and on held-out prompts.
+
+    python -m stages.evaluate      (dvc repro evaluate)
+
+Reads `models/<train.model_name>/` through `from_pretrained` (so it also proves the export loads), the validation
+split of `data/tokens/`, and `evaluate.prompts_path`. Writes to `<train.out_dir>/eval/`:
+- `metrics.json`: `val_loss` (mean loss over the validation tokens that count, mask 1, as in training),
+  `perplexity` (exp of val_loss), `val_tokens` (validation tokens read), `val_loss_tokens` (those that counted),
+  `exact_match` (share of held-out answers that equal the expected output, both stripped of surrounding
+  whitespace; null when there are no prompts) and `n_prompts`.
+- `samples.jsonl`: one line per held-out prompt, `{"prompt", "expected", "generated", "correct"}`, where `prompt`
+  is the instruction (and its input, after a blank line) as the held-out file gives it.
+
+Validation loss: the token stream is cut into consecutive windows of `train.seq_len` predictions (window k reads
+tokens [k*seq_len, (k+1)*seq_len) and predicts the next token of each), so every token after the first is predicted
+once, with the context its window gives; `evaluate.max_val_tokens` > 0 scores only the first that many tokens.
+Held-out answers: greedy decoding from the prompt training used for instruction data (Alpaca, or the chat template
+when `render.template` names one), up to `evaluate.max_new_tokens`, stopping at EOS (or an end-of-turn token such
+as `<|im_end|>`), prompts batched `evaluate.batch_size` at a time. Instruction and chat data have these; for a
+model of plain text only, set `evaluate.prompts_path: ""`.
+The same model and data give byte-identical outputs.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from stages.errors import UserError, run_stage
+from stages.generate import (MODELS_DIR, Decoding, generate_texts, instruction_prompt, instruction_template,
+                             load_model)
+from stages.params import TOKENS_DIR, load_params
+from stages.token_files import open_split
+
+DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
+
+
+def main() -> None:
+    """Score models/<train.model_name>/ and write <train.out_dir>/eval/."""
+    params = load_params()
+    p = params.evaluate
+    model_dir = MODELS_DIR / params.train.model_name
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir} not found: run the train stage first (dvc repro train), which exports the "
+                        f"model there (train.model_name = {params.train.model_name!r})")
+    model, tokenizer = load_model(model_dir, params.tokenizer.trust_remote_code, params.train.device)
+    ids, mask = open_split(TOKENS_DIR, "val")
+    if p.max_val_tokens:
+        ids, mask = ids[:p.max_val_tokens], mask[:p.max_val_tokens]
+    metrics = validation_loss(model, ids, mask, params.train.seq_len, p.batch_size)
+    examples = read_heldout(p.prompts_path, p.num_prompts)
+    template = instruction_template(params.render.template)
+    samples = answer_heldout(model, tokenizer, examples, p.max_new_tokens, p.batch_size, template)
+    metrics.update(score(samples))
+    eval_dir = Path(params.train.out_dir) / "eval"
+    write_results(eval_dir, metrics, samples)
+    print(summary(metrics, eval_dir))
+
+
+def validation_loss(model, ids: np.ndarray, mask: np.ndarray, seq_len: int, batch_size: int) -> dict:
+    """Masked mean loss and perplexity of the model over the token stream, in windows of seq_len predictions."""
+    starts = window_starts(mask, seq_len)
+    total, counted = 0.0, 0
+    for at in tqdm(range(0, len(starts), batch_size), desc="val loss", unit="batch", leave=False,
+                   disable=len(starts) <= batch_size):
+        x, y, m = window_batch(ids, mask, starts[at:at + batch_size], seq_len)
+        with torch.inference_mode():
+            logits = model(input_ids=x.to(model.device)).logits.float()
+        losses = F.cross_entropy(logits.flatten(0, 1), y.to(model.device).flatten(), reduction="none")
+        total += float((losses.double() * m.to(model.device).flatten()).sum())
+        counted += int(m.sum())
+    loss = total / counted if counted else None
+    return {"val_loss": _round(loss), "perplexity": _round(math.exp(min(loss, 700)) if counted else None),
+            "val_tokens": len(ids), "val_loss_tokens": counted}
+
+
+def window_starts(mask: np.ndarray, seq_len: int) -> np.ndarray:
+    """First token of each window of seq_len predictions, skipping windows with no token that counts."""
+    n = len(mask)
+    starts = np.arange(0, max(n - 1, 0), seq_len)
+    counted = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+    # Window s predicts tokens s+1 .. min(s+seq_len, n-1).
+    per_window = counted[np.minimum(starts + seq_len, n - 1) + 1] - counted[starts + 1]
+    return starts[per_window > 0]
+
+
+def window_batch(ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, seq_len: int):
+    """Inputs, targets and target mask (each batch x seq_len) for windows starting at `starts`.
+
+    A window running past the end (the last one) is padded; its padded targets have mask 0, and since attention is
+    causal the padding does not change the predictions before it.
+    """
+    n = len(ids)
+    positions = starts[:, None] + np.arange(seq_len + 1)
+    inside = positions < n
+    positions = np.minimum(positions, n - 1)
+    tokens = torch.from_numpy(ids[positions].astype(np.int64))
+    counts = torch.from_numpy((mask[positions] * inside).astype(np.float32))
+    return tokens[:, :-1], tokens[:, 1:], counts[:, 1:]
+
+
+def read_heldout(path: str, limit: int = 0) -> list[dict]:
+    """Held-out examples (`instruction`, optional `input`, `output`) from a JSONL file; the first `limit` (0: all)."""
+    if not path:
+        return []
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: evaluate.prompts_path names the held-out prompts (JSONL with "
+                        "instruction, input, output); fix the path, or set it to \"\" to skip answering prompts")
+    examples = []
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if limit and len(examples) == limit:
+                break
+            if line.strip():
+                examples.append(_heldout_example(line, f"{path}:{number}"))
+    return examples
+
+
+def _heldout_example(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object with instruction, input and output")
+    record.setdefault("input", "")
+    for key in ("instruction", "input", "output"):
+        if not isinstance(record.get(key), str):
+            raise UserError(f"{where}: '{key}' must be a string, got {record.get(key)!r}; "
+                            "each line needs instruction and output (and optionally input)")
+    return {key: record[key].replace("\r\n", "\n") for key in ("instruction", "input", "output")}
+
+
+def answer_heldout(model, tokenizer, examples: list[dict], max_new_tokens: int, batch_size: int,
+                   template: str = "alpaca") -> list[dict]:
+    """Greedy answers to the held-out examples, batched; one sample dict per example, in the file's order.
+
+    Prompts use `template`, the one instruction data was rendered with for training (see instruction_prompt).
+    """
+    prompts = [instruction_prompt(e["instruction"], e["input"], template, tokenizer) for e in examples]
+    # Batches of similar length waste little on padding; the order is fixed, so results are too.
+    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i], add_special_tokens=False)
+                                                          ["input_ids"]))
+    answers = [""] * len(prompts)
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    for at in tqdm(range(0, len(order), batch_size), desc="held-out prompts", unit="batch", leave=False,
+                   disable=not order):
+        batch = order[at:at + batch_size]
+        for i, text in zip(batch, generate_texts(model, tokenizer, [prompts[i] for i in batch], decoding)):
+            answers[i] = text
+    return [{"prompt": _readable(e), "expected": e["output"], "generated": answer,
+             "correct": answer.strip() == e["output"].strip()} for e, answer in zip(examples, answers)]
+
+
+def _readable(example: dict) -> str:
+    return f"{example['instruction']}\n\n{example['input']}" if example["input"].strip() else example["instruction"]
+
+
+def score(samples: list[dict]) -> dict:
+    """Exact-match share (null without samples) and the number of prompts."""
+    right = sum(s["correct"] for s in samples)
+    return {"exact_match": _round(right / len(samples)) if samples else None, "n_prompts": len(samples)}
+
+
+def write_results(out_dir: Path, metrics: dict, samples: list[dict]) -> None:
+    """Write metrics.json and samples.jsonl, each to a temporary name first so no half-written file remains."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+
+
+def _write_text(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def summary(metrics: dict, eval_dir: Path) -> str:
+    """One line for the terminal."""
+    parts = [f"val_loss {metrics['val_loss']} (perplexity {metrics['perplexity']}) over "
+             f"{metrics['val_loss_tokens']:,} tokens"]
+    if metrics["n_prompts"]:
+        parts.append(f"exact match {metrics['exact_match']:.1%} of {metrics['n_prompts']} held-out prompts")
+    return f"evaluate: {'; '.join(parts)}; written to {eval_dir}/"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, DIGITS)
+
+
+if __name__ == "__main__":
+    run_stage(main)
