@@ -1,0 +1,240 @@
+"""Benchmark of the train loop: tokens/s and model FLOP/s next to the measured fp32 matmul peak, against a plain
+HuggingFace loop, and the time from process start to the first step when resuming far into a run.
+
+    python bench/bench_train.py                      # both configs, 3 interleaved rounds
+    python bench/bench_train.py --configs gpt2-16m --rounds 5 --steps 3
+    python bench/bench_train.py --startup-only
+
+Everything runs on random token data in a temporary folder. Each round times, in the same process and one after
+the other, a matmul peak (torch.mm, 2048 x 2048, fp32), our training step (`Session.step`: chunked loss, fused
+AdamW, clipping) and the baseline (`model(input_ids, labels=...)`, default AdamW, clipping), so a machine whose load
+changes affects all three alike; medians are reported. Model FLOPs per token = 6N + 12 * L * H * Q * T
+(N parameters, L layers, H heads, Q head size, T context).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.batches import TokenWindows, TrainBatches  # noqa: E402
+from stages.params import parse_params  # noqa: E402
+from stages.token_files import read_meta  # noqa: E402
+from stages.train import Session, build_model, make_optimizer, plan_run  # noqa: E402
+
+CONFIGS = {
+    # params.yaml defaults, with the 1,024-token BPE vocabulary the default tokenizer stage trains.
+    "default": {"vocab": 1024, "train": {}},
+    # The GPT-2-style ~16M model of the performance notes, with the GPT-2 vocabulary.
+    "gpt2-16m": {"vocab": 50257, "train": {"model": {"n_layer": 4, "hidden_size": 256, "n_head": 4,
+                                                     "max_position_embeddings": 256},
+                                           "seq_len": 256, "batch_size": 8}},
+}
+
+
+def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0) -> None:
+    """A word-level tokenizer of `vocab` entries and random token files per docs/formats.md."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    words = {"<eos>": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<eos>")),
+                                        eos_token="<eos>")
+    tokenizer.save_pretrained(root / "data" / "tokenizer")
+    tokens = root / "data" / "tokens"
+    tokens.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", n_tokens), ("val", n_tokens // 20)):
+        ids = rng.integers(0, vocab, n).astype("<u2")
+        ids.tofile(tokens / f"{split}.bin")
+        np.ones(n, np.uint8).tofile(tokens / f"{split}.mask.bin")
+        splits[split] = {"documents": 1, "tokens": n, "loss_tokens": n, "sha256": f"random-{seed}-{split}"}
+    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": vocab, "eos_id": 0,
+            "tokenizer_fingerprint": "bench", "splits": splits, "bin": True, "jsonl": False}
+    (tokens / "meta.json").write_text(json.dumps(meta))
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """Measured fp32 torch.mm throughput in GFLOP/s (best of `repeats`)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6N + 12 * L * H * Q * T: matmul FLOPs of a forward and backward pass per token (N counts tied weights once)."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
+
+
+class Baseline:
+    """The nanoGPT-like loop: the model's own forward with labels, default AdamW, clipping."""
+
+    def __init__(self, model, train, batches: TrainBatches):
+        self.model, self.train, self.batches = model, train, batches
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
+                                           weight_decay=train.weight_decay)
+
+    def step(self, step: int) -> None:
+        """One optimizer step over the same batches our loop reads."""
+        for inputs, labels in self.batches.step_batches(step):
+            # HuggingFace shifts labels itself: give it the window and labels aligned with the inputs.
+            window = torch.cat([inputs, labels[:, -1:].clamp(min=0)], dim=1)
+            shifted = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1)
+            (self.model(input_ids=window, labels=shifted).loss / self.train.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def bench_loop(name: str, rounds: int, steps: int) -> dict:
+    """Interleaved rounds of peak / ours / baseline for one config; returns the medians."""
+    spec = CONFIGS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train = parse_params({"train": {**spec["train"], "device": "cpu"}}).train
+        make_workspace(root, spec["vocab"], n_tokens=max(200_000, 50 * train.seq_len * train.batch_size))
+        meta = read_meta(root / "data" / "tokens")
+        ids = np.memmap(root / "data" / "tokens" / "train.bin", dtype="<u2", mode="r")
+        mask = np.memmap(root / "data" / "tokens" / "train.mask.bin", dtype=np.uint8, mode="r")
+        windows = TokenWindows(ids, mask, train.seq_len)
+        plan = plan_run(train, meta, windows.count, root / "data" / "tokenizer")
+        batches = TrainBatches(windows, train.seed, train.batch_size, train.grad_accum)
+        ours_model = build_model(train, plan)
+        ours = Session(train, plan, ours_model, make_optimizer(ours_model, train), torch.device("cpu"), batches,
+                       None, time.monotonic(), root / "recovery")
+        base = Baseline(build_model(train, plan), train, batches)
+        per_token = flops_per_token(ours_model, train.seq_len)
+        tokens = batches.samples_per_step * train.seq_len
+        ours.step(0), base.step(0)  # warm-up: first-call allocations
+        times = {"peak": [], "ours": [], "baseline": []}
+        for r in range(rounds):
+            times["peak"].append(matmul_gflops())
+            times["ours"].append(statistics.median(_timed(lambda s=s: ours.step(s)) for s in range(1, steps + 1)))
+            times["baseline"].append(statistics.median(_timed(lambda s=s: base.step(s))
+                                                       for s in range(1, steps + 1)))
+            print(f"  {name} round {r + 1}: peak {times['peak'][-1]:.0f} GFLOP/s, ours {times['ours'][-1]:.2f} "
+                  f"s/step, baseline {times['baseline'][-1]:.2f} s/step", flush=True)
+    peak = statistics.median(times["peak"])
+    result = {"config": name, "parameters": sum(p.numel() for p in ours_model.parameters()),
+              "tokens_per_step": tokens, "gflop_per_token": per_token / 1e9, "peak_gflops": peak}
+    for loop in ("ours", "baseline"):
+        seconds = statistics.median(times[loop])
+        result[loop] = {"tokens_per_s": tokens / seconds, "gflops": tokens * per_token / seconds / 1e9,
+                        "share_of_peak": tokens * per_token / seconds / 1e9 / peak}
+    result["speedup"] = statistics.median(times["baseline"]) / statistics.median(times["ours"])
+    return result
+
+
+CHILD = """
+import json, sys, time
+from stages.params import load_params
+from stages.train import run_session
+result = run_session(load_params().train)
+print(json.dumps({"start_step": result.start_step, "first_step_at": result.first_step_at}))
+"""
+
+
+def _session(root: Path, train: dict) -> dict:
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": train}))
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin", "DVC_STUDIO_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    began = time.monotonic()  # CLOCK_MONOTONIC is shared by the processes of one machine
+    done = subprocess.run([sys.executable, "-c", CHILD], cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"start_step": out["start_step"], "seconds_to_first_step": out["first_step_at"] - began}
+
+
+def bench_startup(far_step: int, repeats: int) -> dict:
+    """Seconds from process start to the end of the first step: a new run vs resuming at step `far_step`."""
+    spec = CONFIGS["gpt2-16m"]
+    train = {**spec["train"], "device": "cpu", "total_step_budget": 2 * far_step, "steps_today": 1,
+             "eval_batches": 1, "save_every": 10**9, "eval_every": 10**9}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_workspace(root, spec["vocab"], n_tokens=20_000_000)
+        _session(root, train)  # step 1's checkpoint, renamed below as if the run had reached far_step
+        checkpoint = next((root / "checkpoints").glob("step-*"))
+        state = json.loads((checkpoint / "state.json").read_text())
+        state["step"] = far_step
+        (checkpoint / "state.json").write_text(json.dumps(state))
+        checkpoint.rename(checkpoint.with_name(f"step-{far_step:08d}"))
+        for recovery in (root / ".checkpoint-recovery").glob("step-*"):
+            recovery.rename(recovery.with_name(f"step-{far_step:08d}"))
+            (recovery.with_name(f"step-{far_step:08d}") / "state.json").write_text(json.dumps(state))
+        times = {"new run": [], f"resume at step {far_step:,}": []}
+        for _ in range(repeats):
+            times["new run"].append(_session(root, {**train, "resume": "never", "checkpoint_dir": "scratch",
+                                                    "out_dir": "scratch-out"}))
+            resumed = _session(root, train)
+            assert resumed["start_step"] == far_step, resumed
+            times[f"resume at step {far_step:,}"].append(resumed)
+            # Put the far checkpoint back for the next repeat (the session saved far_step + 1).
+            for folder in (root / "checkpoints", root / ".checkpoint-recovery"):
+                latest = next(folder.glob("step-*"))
+                state = json.loads((latest / "state.json").read_text())
+                state["step"] = far_step
+                (latest / "state.json").write_text(json.dumps(state))
+                latest.rename(latest.with_name(f"step-{far_step:08d}"))
+    return {name: statistics.median(t["seconds_to_first_step"] for t in runs) for name, runs in times.items()}
+
+
+def main() -> None:
+    """Run the benchmarks and print a JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="default,gpt2-16m")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per loop per round")
+    parser.add_argument("--startup-repeats", type=int, default=2)
+    parser.add_argument("--far-step", type=int, default=1_000_000)
+    parser.add_argument("--startup-only", action="store_true")
+    parser.add_argument("--no-startup", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); on a busy machine 1 thread gives steadier figures")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = {"loops": [], "startup": None}
+    if not args.startup_only:
+        for name in args.configs.split(","):
+            results["loops"].append(bench_loop(name, args.rounds, args.steps))
+    if not args.no_startup:
+        results["startup"] = bench_startup(args.far_step, args.startup_repeats)
+    for r in results["loops"]:
+        print(f"{r['config']}: {r['parameters']:,} parameters, {r['gflop_per_token'] * 1e3:.1f} MFLOP/token, "
+              f"matmul peak {r['peak_gflops']:.0f} GFLOP/s")
+        for loop in ("ours", "baseline"):
+            x = r[loop]
+            print(f"  {loop:8s} {x['tokens_per_s']:8,.0f} tokens/s  {x['gflops']:6.1f} GFLOP/s  "
+                  f"{100 * x['share_of_peak']:4.0f}% of peak")
+        print(f"  ours / baseline: {r['speedup']:.2f}x")
+    if results["startup"]:
+        for name, seconds in results["startup"].items():
+            print(f"process start -> first step done, {name}: {seconds:.1f} s")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

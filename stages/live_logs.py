@@ -1,0 +1,117 @@
+"""DVCLive metric logs that continue across sessions with no duplicate or missing steps.
+
+DVCLive keeps one `.tsv` per metric under `<live>/plots/metrics/` (columns `step` and the metric) and the latest
+values in `<live>/metrics.json`. A session that resumes from the checkpoint of step k first drops the rows newer
+than k (logged by a session that crashed or was killed after its last checkpoint) and rebuilds metrics.json from
+what remains, so the next rows follow on exactly.
+"""
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+from dvclive import Live
+
+
+def open_live(live_dir: Path, resume_step: int | None) -> Live:
+    """A DVCLive logger continuing after `resume_step`, or starting empty when it is None (a new run)."""
+    if resume_step is not None:
+        truncate_logs(live_dir, resume_step)
+    # dvcyaml=None: never rewrite the repository's dvc.yaml; save_dvc_exp=False: never create experiments.
+    return Live(dir=str(live_dir), resume=resume_step is not None, dvcyaml=None, save_dvc_exp=False)
+
+
+def logged_step(live_dir: Path) -> int:
+    """The last step recorded in `<live>/metrics.json`, or -1 when there is none."""
+    try:
+        return int(json.loads((Path(live_dir) / "metrics.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def snapshot_logs(live_dir: Path, snapshot_dir: Path) -> None:
+    """Copy the logs to `snapshot_dir` (replacing it whole), beside the recovery copy of a checkpoint.
+
+    The logs are a cached DVC output so that they travel with `dvc push`/`pull`; `dvc exp run` therefore restores
+    them to the last recorded session, like the checkpoint. The snapshot lets a session that resumes from the
+    recovery copy get back the rows that went with it.
+    """
+    if not Path(live_dir).is_dir():
+        return
+    tmp = Path(snapshot_dir).with_name(f".tmp-{Path(snapshot_dir).name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(live_dir, tmp)
+    shutil.rmtree(snapshot_dir, ignore_errors=True)
+    os.replace(tmp, snapshot_dir)
+
+
+def restore_logs(snapshot_dir: Path, live_dir: Path) -> bool:
+    """Put the snapshot's logs back when they are newer than those in `live_dir`; True when it did."""
+    if logged_step(snapshot_dir) <= logged_step(live_dir):
+        return False
+    shutil.rmtree(live_dir, ignore_errors=True)  # new files, never written in place (the DVC cache may link them)
+    shutil.copytree(snapshot_dir, live_dir)
+    return True
+
+
+def has_logs(live_dir: Path) -> bool:
+    """Whether a previous run left metric logs here."""
+    return (Path(live_dir) / "metrics.json").exists() or any(_metric_files(live_dir))
+
+
+def truncate_logs(live_dir: Path, last_step: int) -> None:
+    """Drop every logged row with a step above `last_step`, then rewrite metrics.json to match."""
+    summary: dict = {}
+    for path in _metric_files(live_dir):
+        header, rows = _read_tsv(path)
+        kept = [row for row in rows if int(row[header.index("step")]) <= last_step]
+        if len(kept) < len(rows):
+            _write_atomically(path, _tsv_text(header, kept))
+        if kept:
+            name = path.relative_to(_metrics_root(live_dir)).with_suffix("").parts
+            _set_nested(summary, name, _number(kept[-1][-1]))
+    if summary or (Path(live_dir) / "metrics.json").exists():
+        summary["step"] = last_step
+        _write_atomically(Path(live_dir) / "metrics.json", json.dumps(summary, indent=4) + "\n")
+
+
+def _metrics_root(live_dir: Path) -> Path:
+    return Path(live_dir) / "plots" / "metrics"
+
+
+def _metric_files(live_dir: Path) -> list[Path]:
+    return sorted(_metrics_root(live_dir).rglob("*.tsv"))
+
+
+def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        table = [row for row in csv.reader(f, delimiter="\t") if row]
+    return (table[0], table[1:]) if table else (["step"], [])
+
+
+def _tsv_text(header: list[str], rows: list[list[str]]) -> str:
+    return "".join("\t".join(row) + os.linesep for row in [header, *rows])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # Never rewrite a file in place: a new file renamed over the old one.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, path)
+
+
+def _set_nested(summary: dict, keys: tuple[str, ...], value) -> None:
+    for key in keys[:-1]:
+        summary = summary.setdefault(key, {})
+    summary[keys[-1]] = value
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

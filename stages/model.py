@@ -1,0 +1,189 @@
+"""The model: build a new small Llama or load a pretrained folder, the masked loss, and the HuggingFace export.
+
+The loss is computed from the last hidden states in chunks of rows (`head_loss_sum`), so the full
+(tokens x vocabulary) logits and their gradient never exist at once: on a 16M-parameter model with the GPT-2
+vocabulary they would be 2 x 412 MB per step, and the vocabulary head is most of the compute.
+"""
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from stages.batches import IGNORE_INDEX
+from stages.errors import UserError
+from stages.params import ModelParams
+
+# Model families whose logits are exactly `lm_head(last hidden state)` (no bias, scaling or soft-capping), so the
+# chunked loss computes the same thing as their own forward. Others fall back to the model's own logits.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "smollm3"}
+LOGITS_PER_CHUNK = 8 * 1024 * 1024  # about 32 MB of fp32 logits per chunk: big matmuls, small temporaries
+
+
+def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> PreTrainedModel:
+    """A freshly initialised Llama-style model of the size in `train.model`, identical for the same seed."""
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size or 4 * p.hidden_size,
+        num_hidden_layers=p.n_layer, num_attention_heads=p.n_head, num_key_value_heads=p.n_head,
+        max_position_embeddings=p.max_position_embeddings, tie_word_embeddings=p.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": p.rope_theta}, use_cache=False, **special_ids)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> PreTrainedModel:
+    """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller."""
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
+                        "folder (with config.json and model.safetensors)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise UserError(f"train.seq_len = {seq_len} is above the {positions} positions the model in "
+                        f"{folder} supports; lower train.seq_len to at most {positions}")
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        torch.manual_seed(seed)  # new embedding rows are drawn at random: keep them the same on every start
+        model.resize_token_embeddings(vocab_size)
+    model.config.use_cache = False
+    return model
+
+
+def has_plain_head(model: PreTrainedModel) -> bool:
+    """Whether the logits are just a bias-free linear map of the last hidden state (so chunking is exact)."""
+    head = model.get_output_embeddings()
+    return (model.config.model_type in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear)
+            and head.bias is None)
+
+
+def make_loss_fn(model: PreTrainedModel, compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A function (inputs, labels) -> sum of the token losses (labels -100 skipped).
+
+    With a plain head the trunk runs alone and the loss comes from `head_loss_sum`; `compile` compiles the trunk
+    only (the model object itself stays uncompiled, so its state-dict keys never gain an `_orig_mod.` prefix).
+    """
+    if has_plain_head(model):
+        body = torch.compile(model.base_model) if compile else model.base_model
+        head = model.get_output_embeddings()
+        return lambda inputs, labels: head_loss_sum(
+            body(input_ids=inputs, use_cache=False).last_hidden_state, head.weight, labels)
+    full = torch.compile(model) if compile else model
+
+    def plain_loss(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = full(input_ids=inputs).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return plain_loss
+
+
+def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `labels`, row chunk by row chunk.
+
+    Only rows whose label counts are computed. With gradients wanted, each chunk's gradient is computed right
+    after its loss (softmax minus one-hot), so no logits are kept for the backward pass.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(hidden.device)
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if len(rows) < len(labels):
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    if len(rows) == 0:
+        return hidden.sum() * 0.0  # no target counts: a zero loss that still joins the graph
+    chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _HeadLoss.apply(hidden, weight, labels, chunk_rows)
+    return _head_loss_and_grads(hidden, weight, labels, chunk_rows, want_grads=False)[0]
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Loss forward with its gradients computed alongside; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows):
+        loss, ctx.grad_hidden, ctx.grad_weight = _head_loss_and_grads(hidden, weight, labels, chunk_rows, True)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # In place: these tensors belong to this call alone, and a copy would be one more vocabulary-sized buffer.
+        grad_hidden = ctx.grad_hidden.mul_(grad_loss.to(ctx.grad_hidden.dtype))
+        grad_weight = ctx.grad_weight.mul_(grad_loss.to(ctx.grad_weight.dtype))
+        ctx.grad_hidden = ctx.grad_weight = None
+        return grad_hidden, grad_weight, None, None
+
+
+def _head_loss_and_grads(hidden, weight, labels, chunk_rows, want_grads):
+    # Under bf16 autocast the matmuls run in bf16 and the softmax in fp32; autocast is switched off inside so the
+    # casts are explicit (in-place accumulation is not autocast).
+    device_type = hidden.device.type
+    mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(device_type, enabled=False):
+        h_all, w = hidden.to(mm_dtype), weight.to(mm_dtype)
+        # One logits buffer reused by every chunk: a fresh chunk-sized allocation each time is a fresh mmap, and
+        # its page faults, for glibc malloc on CPU.
+        buffer = torch.empty(min(chunk_rows, len(labels)), w.shape[0], dtype=mm_dtype, device=w.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grads else None
+        grad_weight = None
+        for start in range(0, len(labels), chunk_rows):
+            h, y = h_all[start:start + chunk_rows], labels[start:start + chunk_rows]
+            logits = torch.mm(h, w.t(), out=buffer[:len(y)]).float()
+            # log-sum-exp and softmax from one pass of exp, in place: loss = log(sum(exp(z - max))) - (z_y - max).
+            logits.sub_(logits.amax(dim=1, keepdim=True))
+            target = logits.gather(1, y[:, None])
+            sums = logits.exp_().sum(dim=1, keepdim=True)
+            loss += (sums.log() - target).sum()
+            if not want_grads:
+                continue
+            probs = logits.div_(sums)  # softmax
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0  # minus the one-hot target
+            g = probs.to(mm_dtype)
+            grad_hidden[start:start + chunk_rows] = g @ w
+            if grad_weight is None:
+                grad_weight = (g.t() @ h).float()
+            elif mm_dtype == torch.float32:
+                grad_weight.addmm_(g.t(), h)
+            else:
+                grad_weight += (g.t() @ h).float()
+    if want_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss, grad_hidden, grad_weight
+
+
+def export_model(model: PreTrainedModel, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Write the model in HuggingFace layout with the tokenizer files; same weights give the same bytes.
+
+    Written to a temporary folder beside `out_dir`, then swapped in whole: the export is complete or absent.
+    """
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial.mkdir(parents=True)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(partial)
+    for f in sorted(Path(tokenizer_dir).iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, partial / f.name)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def set_special_ids(model: PreTrainedModel, special_ids: dict) -> None:
+    """Record the tokenizer's BOS/EOS/PAD ids in the config and the generation config (PAD falls back to EOS)."""
+    for key, value in special_ids.items():
+        setattr(model.config, key, value)
+    gen = model.generation_config
+    gen.bos_token_id = special_ids.get("bos_token_id")
+    gen.eos_token_id = special_ids.get("eos_token_id")
+    gen.pad_token_id = special_ids.get("pad_token_id")
+    if gen.pad_token_id is None:
+        gen.pad_token_id = gen.eos_token_id

@@ -1,0 +1,242 @@
+"""Sessions of the train stage: split, interrupted, killed or repeated, a run ends exactly where one session would."""
+
+import shutil
+import signal
+import subprocess
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from stages.errors import UserError
+from stages.train import SessionTimer, pick_device, pick_precision
+from train_helpers import (checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_command, stage_env,
+                           tree_bytes, write_params)
+
+METRICS = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_seen")
+OUTPUTS = ("checkpoints", "outputs", "models", ".checkpoint-recovery")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 12-step run done in one in-process session: what every other way of running it must reproduce."""
+    root = make_workspace(tmp_path_factory.mktemp("reference"))
+    result = session(root)
+    assert (result.start_step, result.end_step, result.stopped_by) == (0, 12, "budget")
+    return root
+
+
+def weights(root, step=12):
+    return (root / "checkpoints" / f"step-{step:08d}" / "model.safetensors").read_bytes()
+
+
+def assert_same_run(root, reference):
+    assert weights(root) == weights(reference)
+    assert tree_bytes(root / "models") == tree_bytes(reference / "models")
+    for metric in METRICS:
+        assert read_tsv(root, metric) == read_tsv(reference, metric), metric
+    assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, 13))
+
+
+def test_three_sessions_in_separate_processes_equal_one_session(reference, tmp_path):
+    root = make_workspace(tmp_path)
+    for day in range(3):
+        done = run_stage(root, steps_today=4)
+        assert done.returncode == 0, done.stderr
+        assert checkpoint_step(root) == 4 * (day + 1)
+        if day:
+            assert f"resuming from step {4 * day}" in done.stdout
+    assert_same_run(root, reference)
+
+
+def test_sigterm_finishes_the_step_saves_and_the_next_session_resumes_there(tmp_path):
+    root = make_workspace(tmp_path)
+    long_run = {"total_step_budget": 100_000, "save_every": 100_000, "eval_every": 100_000}
+    write_params(root, **long_run)
+    process = subprocess.Popen(stage_command(), cwd=root, env=stage_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while len(read_tsv(root, "train/loss")) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM" in stderr
+    stopped_at = checkpoint_step(root)
+    assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, stopped_at + 1))
+
+    result = session(root, steps_today=2, **long_run)
+    assert (result.start_step, result.end_step) == (stopped_at, stopped_at + 2)
+    assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, stopped_at + 3))
+
+
+HANG_WHILE_SAVING_STEP_8 = """
+import json, time
+from pathlib import Path
+import stages.checkpoint as checkpoint
+from stages.train import main
+
+def hang(tmp):
+    if json.loads((tmp / "state.json").read_text())["step"] == 8 and tmp.parent.name == "checkpoints":
+        Path("hanging-in-save").write_text(str(tmp))
+        time.sleep(600)
+
+checkpoint._before_publish = hang
+main()
+"""
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_the_run_stays_exact(reference, tmp_path):
+    root = make_workspace(tmp_path)
+    write_params(root)
+    process = subprocess.Popen(stage_command(HANG_WHILE_SAVING_STEP_8), cwd=root, env=stage_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not (root / "hanging-in-save").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert (root / "hanging-in-save").exists(), process.stderr.read() if process.poll() is not None else "timeout"
+    process.kill()
+    process.wait(timeout=30)
+    assert checkpoint_step(root) == 4
+    assert (root / "checkpoints" / ".tmp-step-00000008").is_dir()  # the half-done save, never taken for a checkpoint
+    assert read_tsv(root, "train/loss")[-1][0] == 8  # logged past the checkpoint before dying
+
+    result = session(root)
+    assert (result.start_step, result.end_step) == (4, 12)
+    assert_same_run(root, reference)
+    assert [p.name for p in (root / "checkpoints").iterdir()] == ["step-00000012"]
+
+
+def test_a_newer_recovery_copy_beats_the_older_checkpoint_dvc_restores_and_deleting_it_rolls_back(reference,
+                                                                                                   tmp_path):
+    root = make_workspace(tmp_path)
+    session(root, steps_today=4)
+    recorded, recorded_logs = tmp_path / "recorded-by-dvc", tmp_path / "logs-recorded-by-dvc"
+    shutil.copytree(root / "checkpoints", recorded)
+    shutil.copytree(root / "outputs" / "live", recorded_logs)
+    session(root, steps_today=4)
+    # `dvc exp run` checks out the checkpoint and the logs recorded in dvc.lock over the newer ones.
+    for restored, folder in ((recorded, root / "checkpoints"), (recorded_logs, root / "outputs" / "live")):
+        shutil.rmtree(folder)
+        shutil.copytree(restored, folder)
+    assert session(root, steps_today=0, minutes_today=1e-4).end_step == 8  # no time to train: only puts it back
+    assert [p.name for p in (root / "checkpoints").iterdir()] == ["step-00000008"]
+    assert session(root).start_step == 8
+    assert_same_run(root, reference)
+
+    # A deliberate rollback: restore the old checkpoint and delete the recovery folder.
+    shutil.rmtree(root / "checkpoints")
+    shutil.rmtree(root / ".checkpoint-recovery")
+    shutil.copytree(recorded, root / "checkpoints")
+    assert session(root, steps_today=1).start_step == 4
+    assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, 6))
+    assert [step for step, _ in read_tsv(root, "val/loss")] == [4, 5]
+
+
+def test_a_session_after_the_budget_is_spent_changes_nothing(reference, tmp_path, capsys):
+    root = tmp_path / "workspace"
+    shutil.copytree(reference, root)
+    before = {folder: tree_bytes(root / folder) for folder in OUTPUTS}
+    stamps = {p: p.stat().st_mtime_ns for folder in OUTPUTS for p in (root / folder).rglob("*")}
+    result = session(root)
+    assert result.stopped_by == "nothing-to-do" and result.end_step == 12
+    assert "budget of 12 steps is spent" in capsys.readouterr().out
+    assert {folder: tree_bytes(root / folder) for folder in OUTPUTS} == before
+    assert {p: p.stat().st_mtime_ns for folder in OUTPUTS for p in (root / folder).rglob("*")} == stamps
+    # DVC deletes a non-persistent output (the export) before running the stage: it comes back byte-identical.
+    shutil.rmtree(root / "models" / "tiny")
+    session(root)
+    assert tree_bytes(root / "models") == before["models"]
+
+
+def test_resume_rules_and_what_they_say(tmp_path, capsys):
+    root = make_workspace(tmp_path)
+    session(root, steps_today=2)
+    with pytest.raises(UserError, match=r"different run; changed: lr: 0\.01 -> 0\.02.*train\.resume: auto"):
+        session(root, lr=0.02, resume="require")
+    capsys.readouterr()
+    assert session(root, lr=0.02, steps_today=1).start_step == 0  # auto: a new run
+    assert "starting a new run" in capsys.readouterr().out
+    assert [step for step, _ in read_tsv(root, "train/loss")] == [1]
+    # Session-only settings, and a global batch split differently (2 x 2 instead of 4 x 1), still resume.
+    same_run = session(root, lr=0.02, steps_today=1, resume="require", batch_size=2, grad_accum=2, eval_every=7,
+                       save_every=9, eval_batches=1, minutes_today=30)
+    assert (same_run.start_step, same_run.end_step) == (1, 2)
+    assert session(root, lr=0.02, steps_today=1, resume="never").start_step == 0
+    shutil.rmtree(root / "checkpoints")
+    shutil.rmtree(root / ".checkpoint-recovery")
+    with pytest.raises(UserError, match=r"logs of earlier sessions.*did you forget `dvc pull`"):
+        session(root, lr=0.02, resume="require")
+
+
+def test_grad_accumulation_matches_the_same_global_batch_in_one_go(tmp_path):
+    one_go = make_workspace(tmp_path / "one-go")
+    accumulated = make_workspace(tmp_path / "accumulated")
+    session(one_go, batch_size=8, grad_accum=1, total_step_budget=5)
+    session(accumulated, batch_size=4, grad_accum=2, total_step_budget=5)
+    a = load_file(one_go / "checkpoints" / "step-00000005" / "model.safetensors")
+    b = load_file(accumulated / "checkpoints" / "step-00000005" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    losses = [[float(v) for _, v in read_tsv(root, "train/loss")] for root in (one_go, accumulated)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_zero_step_budget_means_epochs_over_the_training_windows(tmp_path):
+    root = make_workspace(tmp_path)
+    result = session(root, total_step_budget=0, epochs=2, batch_size=16, save_every=100, eval_every=100)
+    windows = (2000 - 1) // 16
+    assert result.end_step == -(-2 * windows // 16)  # 15.5 steps rounded up
+    assert checkpoint_step(root) == result.end_step
+
+
+def test_minutes_today_stops_in_time_with_a_checkpoint_and_an_export(tmp_path):
+    root = make_workspace(tmp_path)
+    began = time.monotonic()
+    result = session(root, total_step_budget=100_000, minutes_today=0.1, eval_every=100_000, save_every=100_000)
+    assert result.stopped_by == "time" and 0 < result.end_step < 100_000
+    assert time.monotonic() - began < 6 + 3  # 6 s allowed; slack for a machine under load
+    assert checkpoint_step(root) == result.end_step
+    assert (root / "models" / "tiny" / "model.safetensors").exists()
+
+
+def test_no_time_for_one_step_trains_and_writes_nothing(tmp_path):
+    root = make_workspace(tmp_path)
+    result = session(root, minutes_today=0.0001)
+    assert (result.stopped_by, result.end_step) == ("time", 0)
+    assert not any((root / folder).exists() for folder in OUTPUTS)
+
+
+def test_the_timer_reserves_the_slowest_recent_step_and_the_measured_closing_work():
+    now = time.monotonic()
+    timer = SessionTimer(deadline=now + 10, reserve_guess=3.0, step_times=[1.0, 4.0, 1.0])
+    assert timer.allows_step()  # 4 s step + 3 s guessed reserve fit in 10 s
+    timer.measured = {"eval": 2.0, "save": 2.0, "export": 2.0}  # measured: 7.2 s with the 20% margin
+    assert not timer.allows_step()
+    assert SessionTimer(deadline=float("inf"), reserve_guess=1e9).allows_step()
+
+
+def test_fine_tuning_a_pretrained_folder_trains_and_exports_it(tmp_path):
+    base = make_workspace(tmp_path / "base")
+    session(base, total_step_budget=2)
+    root = make_workspace(tmp_path / "tuned")
+    result = session(root, init_from=str(base / "models" / "tiny"), total_step_budget=3)
+    assert result.end_step == 3
+    state = json.loads((root / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["fingerprint_values"]["init_from"] == str(base / "models" / "tiny")
+    assert "model.n_layer" not in state["fingerprint_values"]  # the folder's config, not train.model, defines it
+    assert AutoModelForCausalLM.from_pretrained(root / "models" / "tiny").config.vocab_size == 64
+
+
+def test_precision_and_device_choices_on_a_cpu_only_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = pick_device("auto")
+    assert cpu.type == "cpu" and pick_precision("auto", cpu) == "fp32"
+    with pytest.raises(UserError, match=r"train\.precision = bf16 is not supported on cpu"):
+        pick_precision("bf16", cpu)
+    with pytest.raises(UserError, match=r"train\.device = cuda, but torch sees no CUDA GPU"):
+        pick_device("cuda")
