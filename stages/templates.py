@@ -1,0 +1,193 @@
+"""Prompt templates: how an instruction or a conversation becomes text, with the answer parts marked.
+
+The render stage uses these to build training records; evaluate and generate use the same functions to build
+prompts, so a model is asked exactly the way it was taught.
+
+A rendering is a list of segments `{"text": str, "response": bool}` (see docs/formats.md): `response: true`
+marks text the model learns to produce.
+
+Alpaca (instruction data): the standard Stanford Alpaca prompt. With an input:
+
+    Below is an instruction that describes a task, paired with an input that provides further context. Write a
+    response that appropriately completes the request.
+
+    ### Instruction:
+    {instruction}
+
+    ### Input:
+    {input}
+
+    ### Response:
+    {output}
+
+and without one (empty, whitespace only or missing) the shorter form without the `### Input:` block. Everything up
+to and including "### Response:\\n" is prompt; the output is the response.
+
+ChatML (chat data): each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. In an assistant turn the
+header `<|im_start|>assistant\\n` is prompt, `{content}<|im_end|>` is the response (so the model learns to close
+its turn), and the final "\\n" is prompt again.
+
+Tokenizer (chat data): the chat template shipped with a HuggingFace tokenizer. Its response spans are found by
+rendering prefixes of the conversation: messages[:i] with add_generation_prompt=True is the prompt up to
+assistant turn i, and rendering messages[:i+1] extends that text by exactly the response. A template for which
+this does not hold (it rewrites earlier turns depending on what follows) is refused: use ChatML instead.
+"""
+
+from typing import Any
+
+from stages.errors import UserError
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+CHATML_START = "<|im_start|>"
+CHATML_END = "<|im_end|>"
+CHATML_SPECIAL_TOKENS = [CHATML_START, CHATML_END]
+
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATES = ("chatml", "tokenizer")
+
+
+class TemplateError(UserError):
+    """A tokenizer chat template that cannot be split into prompt and response parts."""
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt for an instruction (and optional input), ending with '### Response:\\n'."""
+    if input.strip():
+        return ALPACA_PROMPT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def render_instruction(instruction: str, input: str, output: str) -> list[dict]:
+    """Alpaca segments for one example: the prompt, then the output as the response (kept even when empty)."""
+    return [segment(alpaca_prompt(instruction, input), False), segment(output, True)]
+
+
+def instruction_as_chat(instruction: str, input: str, output: str) -> list[dict]:
+    """An instruction example as a two-message conversation, for rendering instruction data with a chat template."""
+    question = f"{instruction}\n\n{input}" if input.strip() else instruction
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": output}]
+
+
+def render_chat(messages: list[dict], template: str, tokenizer: Any = None) -> list[dict]:
+    """Segments for a conversation (`[{role, content}]`) with template "chatml" or "tokenizer"."""
+    if template == "chatml":
+        return _chatml_segments(messages)
+    if template == "tokenizer":
+        return _tokenizer_segments(messages, _require_chat_template(tokenizer))
+    raise ValueError(f"unknown chat template {template!r}; expected one of {CHAT_TEMPLATES}")
+
+
+def chat_prompt(messages: list[dict], template: str, tokenizer: Any = None) -> str:
+    """The prompt text that asks the model for the next assistant turn after `messages`."""
+    if template == "chatml":
+        return "".join(_chatml_message(m) for m in messages) + f"{CHATML_START}assistant\n"
+    if template == "tokenizer":
+        return _apply(_require_chat_template(tokenizer), messages, generation_prompt=True)
+    raise ValueError(f"unknown chat template {template!r}; expected one of {CHAT_TEMPLATES}")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether a HuggingFace tokenizer carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def segment(text: str, response: bool) -> dict:
+    """One segment in the records format."""
+    return {"text": text, "response": response}
+
+
+def _chatml_message(message: dict) -> str:
+    return f"{CHATML_START}{message['role']}\n{message['content']}{CHATML_END}\n"
+
+
+def _chatml_segments(messages: list[dict]) -> list[dict]:
+    parts = []
+    for message in messages:
+        if message["role"] == "assistant":
+            parts += [(f"{CHATML_START}assistant\n", False), (f"{message['content']}{CHATML_END}", True),
+                      ("\n", False)]
+        else:
+            parts.append((_chatml_message(message), False))
+    return _join(parts)
+
+
+def _tokenizer_segments(messages: list[dict], tokenizer: Any) -> list[dict]:
+    full = _apply(tokenizer, messages, generation_prompt=False)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    parts, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise UserError("the conversation starts with an assistant turn; the tokenizer's chat template needs "
+                            "a system or user message before it")
+        prompt = _apply(tokenizer, messages[:i], generation_prompt=True)
+        through = _apply(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (full.startswith(prompt) and through.startswith(prompt) and len(prompt) >= done):
+            raise _unstable(i, "the prompt before it is not how the whole conversation begins")
+        end = len(through)
+        if not full.startswith(through):
+            # Templates such as Phi-3's close the conversation with EOS: after the last turn only.
+            if eos and through.endswith(eos) and full.startswith(through[: -len(eos)]):
+                end -= len(eos)
+            else:
+                raise _unstable(i, "rendering the turn does not extend the prompt the same way as the whole "
+                                   "conversation does")
+        parts += [(full[done:len(prompt)], False), (full[len(prompt):end], True)]
+        done = end
+    parts.append((full[done:], False))
+    return _drop_final_eos(_join(parts), eos)
+
+
+def _drop_final_eos(segments: list[dict], eos: str) -> list[dict]:
+    """Remove a closing EOS the template wrote: the tokenize stage appends EOS after every document itself."""
+    if eos and segments and segments[-1]["text"].endswith(eos):
+        last = segments[-1]
+        last["text"] = last["text"][: -len(eos)]
+        if not last["text"] and not last["response"]:
+            segments.pop()
+    return segments
+
+
+def _join(parts: list[tuple[str, bool]]) -> list[dict]:
+    """Segments from (text, response) pieces: neighbouring prompt pieces merged, empty prompt pieces dropped."""
+    segments: list[dict] = []
+    for text, response in parts:
+        if not response and not text:
+            continue
+        if not response and segments and not segments[-1]["response"]:
+            segments[-1]["text"] += text
+        else:
+            segments.append(segment(text, response))
+    return segments
+
+
+def _apply(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # jinja raise_exception() and friends: the template refuses this conversation
+        raise UserError(f"the tokenizer's chat template rejected the conversation: {err}") from None
+
+
+def _require_chat_template(tokenizer: Any) -> Any:
+    if tokenizer is None or not has_chat_template(tokenizer):
+        raise TemplateError("template 'tokenizer' needs a HuggingFace tokenizer with a chat template "
+                            "(chat_template in tokenizer_config.json or chat_template.jinja); "
+                            "this one has none: use render.template: chatml")
+    return tokenizer
+
+
+def _unstable(turn: int, why: str) -> TemplateError:
+    return TemplateError(f"the tokenizer's chat template is not prefix-stable at message {turn} (an assistant "
+                         f"turn): {why}, so the answer cannot be told apart from the prompt. "
+                         "Set render.template: chatml to use ChatML instead")
