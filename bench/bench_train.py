@@ -1,15 +1,18 @@
-"""Benchmark of the train loop: tokens/s and model FLOP/s next to the measured fp32 matmul peak, against a plain
-HuggingFace loop, and the time from process start to the first step when resuming far into a run.
+"""Benchmark of the train loop: tokens/s and model FLOP/s next to the measured matmul peak (and, on a GPU, the
+MFU against the card's bf16 peak), against a plain HuggingFace loop, and the time from process start to the first
+step when resuming far into a run.
 
-    python bench/bench_train.py                      # both configs, 3 interleaved rounds
+    python bench/bench_train.py                      # both configs, 3 interleaved rounds (on a GPU if there is one)
     python bench/bench_train.py --configs gpt2-16m --rounds 5 --steps 3
-    python bench/bench_train.py --startup-only
+    python bench/bench_train.py --device cpu --startup-only
 
 Everything runs on random token data in a temporary folder. Each round times, in the same process and one after
-the other, a matmul peak (torch.mm, 2048 x 2048, fp32), our training step (`Session.step`: chunked loss, fused
-AdamW, clipping) and the baseline (`model(input_ids, labels=...)`, default AdamW, clipping), so a machine whose load
-changes affects all three alike; medians are reported. Model FLOPs per token = 6N + 12 * L * H * Q * T
-(N parameters, L layers, H heads, Q head size, T context).
+the other, a matmul peak (torch.mm: 2048 x 2048 fp32 on CPU, 8192 x 8192 bf16 on a GPU), our training step
+(`Session.step`: chunked loss, fused AdamW, clipping; bf16 autocast on GPUs) and the baseline
+(`model(input_ids, labels=...)`, default AdamW, clipping, the same autocast), so a machine whose load changes affects
+all three alike; medians are reported. Model FLOPs per token = 6N + 12 * L * H * Q * T (N parameters, L layers,
+H heads, Q head size, T context). MFU = model FLOP/s / the GPU's dense bf16 peak from its data sheet (GPU_PEAK_TFLOPS,
+by device name), or the measured matmul peak for a card not in the table.
 """
 
 import argparse
@@ -64,18 +67,38 @@ def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0) -> None
     (tokens / "meta.json").write_text(json.dumps(meta))
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
-    """Measured fp32 torch.mm throughput in GFLOP/s (best of `repeats`)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by a part of the device name;
+# the first match wins, so the more specific names come first.
+GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
+                   ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0)]
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    """The data-sheet dense bf16 peak of the GPU called `name` (torch.cuda.get_device_name), or None."""
+    return next((peak for part, peak in GPU_PEAK_TFLOPS if part in name), None)
+
+
+def matmul_gflops(device: torch.device, repeats: int = 3) -> float:
+    """Measured torch.mm throughput in GFLOP/s (best of `repeats`): fp32 on CPU, bf16 on a GPU."""
+    size, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best = min(_timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
     return 2 * size ** 3 / best / 1e9
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    _sync(device)
     began = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - began
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flops_per_token(model, seq_len: int) -> float:
@@ -89,8 +112,9 @@ def flops_per_token(model, seq_len: int) -> float:
 class Baseline:
     """The nanoGPT-like loop: the model's own forward with labels, default AdamW, clipping."""
 
-    def __init__(self, model, train, batches: TrainBatches):
-        self.model, self.train, self.batches = model, train, batches
+    def __init__(self, model, train, batches: TrainBatches, device: torch.device, autocast):
+        self.model, self.train, self.batches = model.to(device), train, batches
+        self.device, self.autocast = device, autocast
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
                                            weight_decay=train.weight_decay)
 
@@ -98,20 +122,22 @@ class Baseline:
         """One optimizer step over the same batches our loop reads."""
         for inputs, labels in self.batches.step_batches(step):
             # HuggingFace shifts labels itself: give it the window and labels aligned with the inputs.
-            window = torch.cat([inputs, labels[:, -1:].clamp(min=0)], dim=1)
-            shifted = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1)
-            (self.model(input_ids=window, labels=shifted).loss / self.train.grad_accum).backward()
+            window = torch.cat([inputs, labels[:, -1:].clamp(min=0)], dim=1).to(self.device)
+            shifted = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1).to(self.device)
+            with self.autocast():
+                loss = self.model(input_ids=window, labels=shifted).loss
+            (loss / self.train.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def bench_loop(name: str, rounds: int, steps: int) -> dict:
+def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict:
     """Interleaved rounds of peak / ours / baseline for one config; returns the medians."""
     spec = CONFIGS[name]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train = parse_params({"train": {**spec["train"], "device": "cpu"}}).train
+        train = parse_params({"train": {**spec["train"], "device": device.type}}).train
         make_workspace(root, spec["vocab"], n_tokens=max(200_000, 50 * train.seq_len * train.batch_size))
         meta = read_meta(root / "data" / "tokens")
         ids = np.memmap(root / "data" / "tokens" / "train.bin", dtype="<u2", mode="r")
@@ -119,28 +145,33 @@ def bench_loop(name: str, rounds: int, steps: int) -> dict:
         windows = TokenWindows(ids, mask, train.seq_len)
         plan = plan_run(train, meta, windows.count, root / "data" / "tokenizer")
         batches = TrainBatches(windows, train.seed, train.batch_size, train.grad_accum)
-        ours_model = build_model(train, plan)
-        ours = Session(train, plan, ours_model, make_optimizer(ours_model, train), torch.device("cpu"), batches,
+        ours_model = build_model(train, plan).to(device)
+        ours = Session(train, plan, ours_model, make_optimizer(ours_model, train), device, batches,
                        None, time.monotonic(), root / "recovery")
-        base = Baseline(build_model(train, plan), train, batches)
+        base = Baseline(build_model(train, plan), train, batches, device, ours.autocast)
         per_token = flops_per_token(ours_model, train.seq_len)
         tokens = batches.samples_per_step * train.seq_len
         ours.step(0), base.step(0)  # warm-up: first-call allocations
         times = {"peak": [], "ours": [], "baseline": []}
         for r in range(rounds):
-            times["peak"].append(matmul_gflops())
-            times["ours"].append(statistics.median(_timed(lambda s=s: ours.step(s)) for s in range(1, steps + 1)))
-            times["baseline"].append(statistics.median(_timed(lambda s=s: base.step(s))
-                                                       for s in range(1, steps + 1)))
-            print(f"  {name} round {r + 1}: peak {times['peak'][-1]:.0f} GFLOP/s, ours {times['ours'][-1]:.2f} "
-                  f"s/step, baseline {times['baseline'][-1]:.2f} s/step", flush=True)
+            times["peak"].append(matmul_gflops(device))
+            for loop, run in (("ours", ours), ("baseline", base)):
+                times[loop].append(statistics.median(_timed(lambda s=s: run.step(s), device)
+                                                     for s in range(1, steps + 1)))
+            print(f"  {name} round {r + 1}: peak {times['peak'][-1]:.0f} GFLOP/s, ours {times['ours'][-1]:.3f} "
+                  f"s/step, baseline {times['baseline'][-1]:.3f} s/step", flush=True)
     peak = statistics.median(times["peak"])
-    result = {"config": name, "parameters": sum(p.numel() for p in ours_model.parameters()),
-              "tokens_per_step": tokens, "gflop_per_token": per_token / 1e9, "peak_gflops": peak}
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    sheet = gpu_peak_tflops(card) if card else None
+    result = {"config": name, "device": card or "cpu", "precision": ours.precision,
+              "parameters": sum(p.numel() for p in ours_model.parameters()),
+              "tokens_per_step": tokens, "gflop_per_token": per_token / 1e9, "peak_gflops": peak,
+              "datasheet_peak_gflops": sheet * 1e3 if sheet else None}
     for loop in ("ours", "baseline"):
         seconds = statistics.median(times[loop])
-        result[loop] = {"tokens_per_s": tokens / seconds, "gflops": tokens * per_token / seconds / 1e9,
-                        "share_of_peak": tokens * per_token / seconds / 1e9 / peak}
+        gflops = tokens * per_token / seconds / 1e9
+        result[loop] = {"tokens_per_s": tokens / seconds, "gflops": gflops, "share_of_peak": gflops / peak,
+                        "mfu": gflops / (sheet * 1e3 if sheet else peak) if device.type == "cuda" else None}
     result["speedup"] = statistics.median(times["baseline"]) / statistics.median(times["ours"])
     return result
 
@@ -210,25 +241,32 @@ def main() -> None:
     parser.add_argument("--far-step", type=int, default=1_000_000)
     parser.add_argument("--startup-only", action="store_true")
     parser.add_argument("--no-startup", action="store_true")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the loops run (auto: a GPU when there is one); the startup benchmark uses the CPU")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); on a busy machine 1 thread gives steadier figures")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loops on "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     results = {"loops": [], "startup": None}
     if not args.startup_only:
         for name in args.configs.split(","):
-            results["loops"].append(bench_loop(name, args.rounds, args.steps))
+            results["loops"].append(bench_loop(name, args.rounds, args.steps, device))
     if not args.no_startup:
         results["startup"] = bench_startup(args.far_step, args.startup_repeats)
     for r in results["loops"]:
-        print(f"{r['config']}: {r['parameters']:,} parameters, {r['gflop_per_token'] * 1e3:.1f} MFLOP/token, "
-              f"matmul peak {r['peak_gflops']:.0f} GFLOP/s")
+        sheet = f", data-sheet peak {r['datasheet_peak_gflops']:.0f}" if r["datasheet_peak_gflops"] else ""
+        print(f"{r['config']} on {r['device']} ({r['precision']}): {r['parameters']:,} parameters, "
+              f"{r['gflop_per_token'] * 1e3:.1f} MFLOP/token, matmul peak {r['peak_gflops']:.0f} GFLOP/s{sheet}")
         for loop in ("ours", "baseline"):
             x = r[loop]
-            print(f"  {loop:8s} {x['tokens_per_s']:8,.0f} tokens/s  {x['gflops']:6.1f} GFLOP/s  "
-                  f"{100 * x['share_of_peak']:4.0f}% of peak")
+            mfu = f"  MFU {100 * x['mfu']:4.1f}%" if x["mfu"] is not None else ""
+            print(f"  {loop:8s} {x['tokens_per_s']:10,.0f} tokens/s  {x['gflops']:8.1f} GFLOP/s  "
+                  f"{100 * x['share_of_peak']:4.0f}% of measured peak{mfu}")
         print(f"  ours / baseline: {r['speedup']:.2f}x")
     if results["startup"]:
         for name, seconds in results["startup"].items():

@@ -5,7 +5,9 @@ A checkpoint is a folder `step-00000600/` in `train.checkpoint_dir` holding
 - `optimizer.pt`: the optimizer state dict (plain tensors and numbers, read back with `weights_only=True`);
 - `rng.json`: every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
 - `state.json`: format version, step, tokens seen, data cursor, the run's fingerprint and the values behind it.
-The learning rate needs no saving: it is a function of the step.
+The learning rate needs no saving: it is a function of the step. A multi-process run writes the same files (rank 0
+gathers the full weights and optimizer state, keyed as on one process), so any checkpoint resumes on any number of
+processes and either strategy.
 
 It is written into `.tmp-step-...` in the same parent, fsynced, then renamed into place, so a crash leaves either
 the whole folder or none of it. Only then is the previous checkpoint removed. Files are always new files, never
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 FORMAT_VERSION = 1
 RECOVERY_DIR = Path(".checkpoint-recovery")
@@ -54,14 +56,18 @@ def folder_name(step: int) -> str:
 
 
 def find_checkpoints(folders: list[Path]) -> list[Checkpoint]:
-    """Complete checkpoints in the given folders, newest first; for equal steps the earlier folder wins."""
-    found: dict[int, Checkpoint] = {}
+    """Complete checkpoints in the given folders, newest first.
+
+    Two copies of the same run's step (same fingerprint) count once, the earlier folder's; the same step of two
+    different runs (another seed, say) are both kept, so the caller can pick the one of its run.
+    """
+    found: dict[tuple[int, str], Checkpoint] = {}
     for folder in folders:
         for path in sorted(Path(folder).glob(f"{PREFIX}*")) if Path(folder).is_dir() else []:
             state = _read_state(path)
-            if state is not None and state["step"] not in found:
-                found[state["step"]] = Checkpoint(path, state)
-    return [found[step] for step in sorted(found, reverse=True)]
+            if state is not None:
+                found.setdefault((state["step"], state["fingerprint"]), Checkpoint(path, state))
+    return sorted(found.values(), key=lambda c: c.step, reverse=True)
 
 
 def _read_state(path: Path) -> dict | None:
@@ -77,12 +83,32 @@ def _read_state(path: Path) -> dict | None:
 def save_checkpoint(checkpoint_dir: Path, recovery_dir: Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, state: dict) -> Path:
     """Write a checkpoint atomically, mirror it into the recovery folder, then drop older ones in both places."""
-    checkpoint_dir, name = Path(checkpoint_dir), folder_name(state["step"])
-    final = checkpoint_dir / name
-    if _read_state(final) is None:  # the same step saved twice holds the same state: keep the first
-        tmp = _fresh_folder(checkpoint_dir / f"{TMP_PREFIX}{name}")
+    def write(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return _save(checkpoint_dir, recovery_dir, state, write)
+
+
+def save_gathered_checkpoint(checkpoint_dir: Path, recovery_dir: Path, weights: dict[str, torch.Tensor],
+                             tied: list[list[str]], optimizer_state: dict, state: dict) -> Path:
+    """`save_checkpoint` for state gathered from several processes, giving the same files.
+
+    `weights` holds every state-dict name, tied ones included (`tied`: groups of names that are one tensor in the
+    model); `optimizer_state` is keyed as `optimizer.state_dict()` is on one process.
+    """
+    def write(tmp: Path) -> None:
+        kept, metadata = untie(weights, tied)
+        save_file(kept, str(tmp / "model.safetensors"), metadata=metadata)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    return _save(checkpoint_dir, recovery_dir, state, write)
+
+
+def _save(checkpoint_dir: Path, recovery_dir: Path, state: dict, write_weights_and_optimizer) -> Path:
+    checkpoint_dir, name = Path(checkpoint_dir), folder_name(state["step"])
+    final = checkpoint_dir / name
+    if not _holds(final, state):  # the same step of the same run saved twice holds the same state: keep the first
+        tmp = _fresh_folder(checkpoint_dir / f"{TMP_PREFIX}{name}")
+        write_weights_and_optimizer(tmp)
         _write_json(tmp / "rng.json", rng_state(), indent=None)
         _write_json(tmp / "state.json", {"format_version": FORMAT_VERSION, **state})  # last: marks it complete
         _publish(tmp, final)
@@ -92,10 +118,21 @@ def save_checkpoint(checkpoint_dir: Path, recovery_dir: Path, model: torch.nn.Mo
     return final
 
 
+def _holds(path: Path, state: dict | None) -> bool:
+    """Whether `path` is a complete checkpoint of the same step of the same run as `state`.
+
+    The same folder name can hold another run's checkpoint (DVC restores the committed run's step 2 while a new run
+    saves its own step 2), which must then be replaced, not kept.
+    """
+    found = _read_state(path)
+    return found is not None and state is not None and (found["step"], found["fingerprint"]) == (
+        state["step"], state["fingerprint"])
+
+
 def mirror(checkpoint: Path, folder: Path) -> Path:
     """Put a copy of `checkpoint` into `folder` (hardlinks where possible), atomically; return its path there."""
     target = Path(folder) / checkpoint.name
-    if _read_state(target) is not None:
+    if _holds(target, _read_state(checkpoint)):
         return target
     tmp = _fresh_folder(Path(folder) / f"{TMP_PREFIX}{checkpoint.name}")
     for f in sorted(checkpoint.iterdir()):
@@ -122,6 +159,46 @@ def load_checkpoint(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: t
     load_model(model, str(checkpoint.path / "model.safetensors"), device=str(device))
     optimizer.load_state_dict(torch.load(checkpoint.path / "optimizer.pt", map_location=device, weights_only=True))
     set_rng_state(json.loads((checkpoint.path / "rng.json").read_text(encoding="utf-8")))
+
+
+def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """The weights (tied names stored once, see `retie`), optimizer state and generator states, on the CPU."""
+    weights = load_file(checkpoint.path / "model.safetensors")
+    optimizer_state = torch.load(checkpoint.path / "optimizer.pt", map_location="cpu", weights_only=True)
+    return weights, optimizer_state, json.loads((checkpoint.path / "rng.json").read_text(encoding="utf-8"))
+
+
+def tied_names(model: torch.nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that are one tensor in `model` (tied embeddings), each group sorted."""
+    groups: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    in_state = set(model.state_dict())
+    for name, tensor in named:
+        if name in in_state:
+            groups.setdefault(id(tensor), []).append(name)
+    return [sorted(names) for names in groups.values() if len(names) > 1]
+
+
+def untie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The weights with each tied group stored once, as safetensors' `save_model` does it: the first name in sorted
+    order is kept, and the metadata maps each dropped name to the kept one."""
+    kept = dict(weights)
+    metadata = {}
+    for names in tied:
+        for dropped in names[1:]:
+            kept.pop(dropped, None)
+            metadata[dropped] = names[0]
+    return {k: v.contiguous() for k, v in kept.items()}, metadata or None
+
+
+def retie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The weights with every name of each tied group present again (all pointing to the one stored tensor)."""
+    full = dict(weights)
+    for names in tied:
+        stored = next((full[name] for name in names if name in full), None)
+        if stored is not None:
+            full.update({name: stored for name in names})
+    return full
 
 
 def load_weights(checkpoint: Checkpoint, model: torch.nn.Module) -> None:

@@ -80,6 +80,33 @@ def make_loss_fn(model: PreTrainedModel, compile: bool = False) -> Callable[[tor
     return plain_loss
 
 
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module: forward(inputs, labels) -> sum of the token losses.
+
+    This is what DDP wraps and FSDP shards, so their hooks see the whole forward pass, the vocabulary head included
+    (`make_loss_fn` alone calls the trunk and reads the head's weight directly, around the model's own forward).
+    The model is the child `model`, so state-dict names are the model's own behind a `model.` prefix.
+    """
+
+    def __init__(self, model: PreTrainedModel, compile: bool = False):
+        super().__init__()
+        self.model = model
+        self.loss_sum = make_loss_fn(model, compile=compile)
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the token losses of the batch (labels -100 skipped)."""
+        return self.loss_sum(inputs, labels)
+
+
+def transformer_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The model's repeated blocks (decoder layers), the units FSDP shards and gathers one at a time.
+
+    HuggingFace names their classes in `_no_split_modules` (e.g. LlamaDecoderLayer).
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   chunk_rows: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `labels`, row chunk by row chunk.

@@ -118,6 +118,11 @@ class TrainParams:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Processes to train on, one per GPU: a number, or "auto" (every visible GPU, 1 on CPU). More than 1 launches
+    # the stage through torchrun; under a torchrun started by hand the world comes from torchrun instead.
+    devices: int | str = _param(1, "'auto' or a whole number >= 1",
+                                lambda v: v == "auto" or (type(v) is int and v >= 1))
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # with several processes: full replicas (ddp) or sharded (fsdp)
     checkpoint_dir: str = "checkpoints"
     out_dir: str = "outputs"
 

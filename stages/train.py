@@ -19,6 +19,12 @@ stays the same. Weight decay applies to matrices, embeddings included, not to no
 
 Stopping early: SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits with 128 + the signal
 number; a second Ctrl-C stops at once (checkpoints are written atomically, so the previous one stays usable).
+
+Several processes (`train.devices`, `train.strategy`; see stages/distributed.py): each reads its own slice of every
+global batch, which is batch_size x grad_accum x processes samples and belongs to the fingerprint. Resuming on another
+number of processes with the same batch settings keeps the run's global batch by changing grad_accum for the session
+(or says which batch_size and grad_accum would). The loss is a mean over the counted tokens of all processes, so the
+gradient is the one a single process would compute for the same global batch.
 Rolling back on purpose to an older checkpoint restored by DVC: delete `.checkpoint-recovery/` first, otherwise the
 newer recovery copy wins (see stages/checkpoint.py).
 """
@@ -27,11 +33,12 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +48,12 @@ from transformers import AutoTokenizer
 
 from stages import checkpoint as ckpt
 from stages.batches import TokenWindows, TrainBatches, counted_tokens, validation_batches
+from stages.distributed import (ParallelModel, World, exit_code_to_report, full_value, gather_full_state, joined_world,
+                                launch, launcher_gone, parallel_model, pick_device, processes_to_start,
+                                spread_full_state, under_torchrun)
 from stages.errors import UserError, run_stage
 from stages.live_logs import has_logs, open_live, restore_logs, snapshot_logs
-from stages.model import export_model, make_loss_fn, new_model, pretrained_model, set_special_ids
+from stages.model import export_model, new_model, pretrained_model, set_special_ids
 from stages.params import TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
 from stages.schedule import lr_at, session_end, time_for_another_step, total_steps
 from stages.token_files import open_split, read_meta
@@ -62,6 +72,7 @@ class RunPlan:
     total_steps: int
     vocab_size: int
     special_ids: dict
+    world_size: int = 1
 
 
 @dataclass
@@ -76,45 +87,108 @@ class SessionResult:
 
 
 def main() -> None:
-    """Run one training session with the settings in params.yaml."""
+    """Run one training session with the settings in params.yaml, in several processes when train.devices asks."""
     params = load_params()
-    result = run_session(params.train, trust_remote_code=params.tokenizer.trust_remote_code)
-    if result.exit_code:
-        sys.exit(result.exit_code)
+    processes = processes_to_start(params.train.devices, params.train.device)
+    if processes > 1 and not under_torchrun():
+        sys.exit(launch(processes))
+    sys.exit(exit_code_to_report(_session_in_this_process(params)))
+
+
+def _session_in_this_process(params) -> int:
+    """One process's part of the session; its exit code (1 for a UserError, whose message rank 0 prints)."""
+    world = None
+    try:
+        with joined_world(params.train.device) as world:
+            if world.is_main and world.size > 1 and params.train.devices not in ("auto", world.size):
+                print(f"torchrun started {world.size} processes: train.devices = {params.train.devices} is not used")
+            return run_session(params.train, trust_remote_code=params.tokenizer.trust_remote_code,
+                               world=world).exit_code
+    except UserError as err:
+        if world is None or world.size == 1 or world.is_main or not world.launched_here:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
                 models_dir: Path = MODELS_DIR, recovery_dir: Path = ckpt.RECOVERY_DIR,
-                trust_remote_code: bool = False) -> SessionResult:
-    """One session: resume or start, train within today's limits, save, log and export."""
+                trust_remote_code: bool = False, world: World | None = None) -> SessionResult:
+    """One session: resume or start, train within today's limits, save, log and export.
+
+    `world`: this process's place in a multi-process session (default: one process on `train.device`).
+    """
     started = time.monotonic()
+    world = world or World(device=pick_device(train.device))
     meta = read_meta(tokens_dir)
     train_windows = _windows(tokens_dir, "train", train.seq_len, required=True)
     val_windows = _windows(tokens_dir, "val", train.seq_len, required=False) if "val" in meta["splits"] else None
-    plan = plan_run(train, meta, train_windows.count, tokenizer_dir, trust_remote_code)
+    plan = plan_run(train, meta, train_windows.count, tokenizer_dir, trust_remote_code, world.size)
     live_dir = Path(train.out_dir) / "live"
-    checkpoint = choose_checkpoint(train, plan, recovery_dir, live_dir)
+    # The batch settings as params.yaml gives them, before any change for another number of processes: recorded in
+    # the checkpoint, they tell the next session whether only the number of processes changed.
+    asked = {"batch_size": train.batch_size, "grad_accum": train.grad_accum}
+    decision = world.decide_on_main(lambda: _resume_decision(train, plan, meta, train_windows.count, recovery_dir,
+                                                             live_dir))
+    if decision["grad_accum"] != train.grad_accum:
+        train = replace(train, grad_accum=decision["grad_accum"])
+        plan = replan(plan, train, meta, train_windows.count)
+    checkpoint = ckpt.Checkpoint(Path(decision["path"]), decision["state"]) if decision["path"] else None
     start = checkpoint.step if checkpoint else 0
     export_dir = Path(models_dir) / train.model_name
     if start >= plan.total_steps:
-        return _budget_spent(train, plan, checkpoint, tokenizer_dir, export_dir)
+        if world.is_main:
+            return _budget_spent(train, plan, checkpoint, tokenizer_dir, export_dir)
+        return SessionResult(start, start, stopped_by="nothing-to-do")
     end = session_end(start, plan.total_steps, train.steps_today)
 
     _seed_everything(train.seed)
-    device = pick_device(train.device)
-    model = build_model(train, plan).to(device)
-    optimizer = make_optimizer(model, train)
+    parallel = parallel_model(build_model(train, plan), world, train.strategy, train.compile)
+    optimizer = make_optimizer(parallel.model, train)
     if checkpoint is not None:
-        ckpt.load_checkpoint(checkpoint, model, optimizer, device)
-    session = Session(train, plan, model, optimizer, device, TrainBatches(
-        train_windows, train.seed, train.batch_size, train.grad_accum), val_windows, started, recovery_dir)
-    print(f"run of {plan.total_steps} steps ({plan.fingerprint}): this session trains steps {start} -> {end} on "
-          f"{device} ({session.precision}), {sum(p.numel() for p in model.parameters()):,} parameters")
+        _load_checkpoint(checkpoint, parallel, optimizer, world)
+    batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
+    session = Session(train, plan, parallel.model, optimizer, world.device, batches, val_windows, started,
+                      recovery_dir, world=world, parallel=parallel, asked_batch=asked)
+    if world.is_main:
+        print(f"run of {plan.total_steps} steps ({plan.fingerprint}): this session trains steps {start} -> {end} on "
+              f"{world.describe(train.strategy)} ({session.precision}), "
+              f"{sum(p.numel() for p in parallel.model.parameters()):,} parameters")
     result = session.run(start, end, live_dir)
-    if result.stopped_by in ("budget", "steps_today", "time") and result.end_step > start:
-        export_model(model, tokenizer_dir, export_dir)
+    if result.stopped_by in ("budget", "steps_today", "time") and result.end_step > start and world.is_main:
+        export_model(_model_to_export(parallel, train, plan), tokenizer_dir, export_dir)
         print(f"exported the model at step {result.end_step} to {export_dir}/")
     return result
+
+
+def _resume_decision(train: TrainParams, plan: RunPlan, meta: dict, windows_per_epoch: int, recovery_dir: Path,
+                     live_dir: Path) -> dict:
+    """Rank 0's choice of checkpoint and grad_accum, as JSON for the other processes."""
+    found = ckpt.find_checkpoints([Path(train.checkpoint_dir), recovery_dir])
+    grad_accum = grad_accum_for_world(train, plan, found)
+    if grad_accum != train.grad_accum:
+        train = replace(train, grad_accum=grad_accum)
+        plan = replan(plan, train, meta, windows_per_epoch)
+    checkpoint = choose_checkpoint(train, plan, recovery_dir, live_dir)
+    return {"grad_accum": grad_accum, "path": str(checkpoint.path) if checkpoint else None,
+            "state": checkpoint.state if checkpoint else None}
+
+
+def _load_checkpoint(checkpoint: ckpt.Checkpoint, parallel: ParallelModel, optimizer, world: World) -> None:
+    if world.size == 1:
+        ckpt.load_checkpoint(checkpoint, parallel.model, optimizer, world.device)
+        return
+    weights, optimizer_state, rng = ckpt.read_checkpoint(checkpoint) if world.is_main else (None, None, None)
+    spread_full_state(parallel, optimizer, world, weights, optimizer_state)
+    ckpt.set_rng_state(world.share(rng))
+
+
+def _model_to_export(parallel: ParallelModel, train: TrainParams, plan: RunPlan):
+    if parallel.strategy != "fsdp":
+        return parallel.model
+    # The shards are spread over the processes: rebuild the whole model from the checkpoint just saved.
+    model = build_model(train, plan)
+    ckpt.load_weights(ckpt.find_checkpoints([Path(train.checkpoint_dir)])[0], model)
+    return model
 
 
 def _windows(tokens_dir: Path, split: str, seq_len: int, required: bool) -> TokenWindows | None:
@@ -129,15 +203,21 @@ def _windows(tokens_dir: Path, split: str, seq_len: int, required: bool) -> Toke
 
 
 def plan_run(train: TrainParams, meta: dict, windows_per_epoch: int, tokenizer_dir: Path,
-             trust_remote_code: bool = False) -> RunPlan:
-    """The run's fingerprint and length, from the settings, the tokenizer and the token files."""
+             trust_remote_code: bool = False, world_size: int = 1) -> RunPlan:
+    """The run's fingerprint and length, from the settings, the tokenizer, the token files and the process count."""
     tokenizer = _load_tokenizer(tokenizer_dir, trust_remote_code)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
-    values = fingerprint_values(train, meta)
+    empty = RunPlan({}, "", 0, max(len(tokenizer), meta["vocab_size"]), special, world_size)
+    return replan(empty, train, meta, windows_per_epoch)
+
+
+def replan(plan: RunPlan, train: TrainParams, meta: dict, windows_per_epoch: int) -> RunPlan:
+    """`plan` (same tokenizer, same processes) for changed settings."""
+    values = fingerprint_values(train, meta, plan.world_size)
     fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-    total = total_steps(train.total_step_budget, train.epochs, windows_per_epoch, train.batch_size * train.grad_accum)
-    return RunPlan(values, fingerprint, total, max(len(tokenizer), meta["vocab_size"]), special)
+    total = total_steps(train.total_step_budget, train.epochs, windows_per_epoch, values["global_batch"])
+    return replace(plan, values=values, fingerprint=fingerprint, total_steps=total)
 
 
 def _load_tokenizer(tokenizer_dir: Path, trust_remote_code: bool):
@@ -146,7 +226,7 @@ def _load_tokenizer(tokenizer_dir: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
 
 
-def fingerprint_values(train: TrainParams, meta: dict) -> dict:
+def fingerprint_values(train: TrainParams, meta: dict, world_size: int = 1) -> dict:
     """The settings that define a run: a checkpoint resumes only when all of them are unchanged."""
     values = {f"model.{k}": v for k, v in asdict(train.model).items()} if not train.init_from else {}
     if train.init_from:
@@ -157,7 +237,7 @@ def fingerprint_values(train: TrainParams, meta: dict) -> dict:
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],
         "train_mask_sha256": meta["splits"]["train"].get("mask_sha256"),  # train_on_prompt changes only the mask
-        "seq_len": train.seq_len, "global_batch": train.batch_size * train.grad_accum,
+        "seq_len": train.seq_len, "global_batch": train.batch_size * train.grad_accum * world_size,
         "lr": train.lr, "min_lr": train.min_lr, "warmup_steps": train.warmup_steps,
         "weight_decay": train.weight_decay, "beta1": train.beta1, "beta2": train.beta2, "grad_clip": train.grad_clip,
         "seed": train.seed, "total_step_budget": train.total_step_budget,
@@ -170,6 +250,47 @@ def changed_settings(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every fingerprinted setting that differs."""
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)]
+
+
+def grad_accum_for_world(train: TrainParams, plan: RunPlan, found: list[ckpt.Checkpoint]) -> int:
+    """train.grad_accum, or the one that keeps the run's global batch when its checkpoint was trained with the same
+    batch settings on another number of processes (saying what it changed)."""
+    if train.resume == "never":
+        return train.grad_accum
+    for candidate in found:
+        state, old = candidate.state, candidate.state["fingerprint_values"]
+        if state["fingerprint"] == plan.fingerprint:
+            return train.grad_accum
+        only_batch_differs = {k for k in set(old) | set(plan.values) if old.get(k) != plan.values.get(k)} == {
+            "global_batch"}
+        same_settings = (state["batch_params"] == {"batch_size": train.batch_size, "grad_accum": train.grad_accum}
+                         if "batch_params" in state else state.get("world_size", 1) != plan.world_size)
+        if only_batch_differs and same_settings:
+            grad_accum = fit_global_batch(old["global_batch"], train.batch_size, plan.world_size)
+            print(f"the checkpoint at step {candidate.step} was trained on {state.get('world_size', 1)} process(es) "
+                  f"with a global batch of {old['global_batch']}; to keep it on {plan.world_size}, this session uses "
+                  f"train.grad_accum = {grad_accum} instead of {train.grad_accum}")
+            return grad_accum
+    return train.grad_accum
+
+
+def fit_global_batch(global_batch: int, batch_size: int, world_size: int) -> int:
+    """The grad_accum giving `global_batch` samples per step with `batch_size` on `world_size` processes; a
+    UserError naming settings that would work when there is none."""
+    per_process, uneven = divmod(global_batch, world_size)
+    if uneven:
+        raise UserError(f"the run's global batch is {global_batch} samples (train.batch_size x grad_accum x "
+                        f"processes), which {world_size} processes cannot share evenly; train on a number of "
+                        f"processes that divides {global_batch} (train.devices), or set train.resume: never to "
+                        "start a new run")
+    if per_process % batch_size == 0:
+        return per_process // batch_size
+    sizes = [b for b in range(per_process, 0, -1) if per_process % b == 0][:4]
+    options = ", ".join(f"batch_size {b} with grad_accum {per_process // b}" for b in sizes)
+    raise UserError(f"the run's global batch is {global_batch} samples, {per_process} per process on {world_size} "
+                    f"processes, which train.batch_size = {batch_size} does not divide. Set train.batch_size and "
+                    f"train.grad_accum to multiply to {per_process}: {options} (or set train.resume: never to start "
+                    "a new run)")
 
 
 def choose_checkpoint(train: TrainParams, plan: RunPlan, recovery_dir: Path, live_dir: Path) -> ckpt.Checkpoint | None:
@@ -221,13 +342,6 @@ def _budget_spent(train: TrainParams, plan: RunPlan, checkpoint: ckpt.Checkpoint
     return SessionResult(checkpoint.step, checkpoint.step, stopped_by="nothing-to-do")
 
 
-def pick_device(wanted: str) -> torch.device:
-    """The device to train on: `auto` takes a GPU when there is one."""
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = cuda, but torch sees no CUDA GPU; set train.device: auto or cpu")
-    return torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def pick_precision(wanted: str, device: torch.device) -> str:
     """fp32 or bf16 (autocast); `auto` is bf16 on GPUs that support it, fp32 elsewhere."""
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -262,10 +376,17 @@ def _seed_everything(seed: int) -> None:
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps; a second signal acts at once."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps; a second signal acts at once.
 
-    def __init__(self):
+    `repeat_window`: in a multi-process run one signal can reach a worker twice within moments (from a scheduler,
+    then again from a launcher passing it on); a repeat within that many seconds is the same request.
+    `launcher_pid`: the death of the launcher that started this worker is a request too (taken as SIGHUP).
+    """
+
+    def __init__(self, repeat_window: float = 0.0, launcher_pid: int | None = None):
         self.signal: int | None = None
+        self.repeat_window, self.launcher_pid = repeat_window, launcher_pid
+        self._received_at = 0.0
         self._previous: dict = {}
 
     def __enter__(self):
@@ -277,11 +398,41 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def received(self) -> int:
+        """The signal number asking to stop, or 0."""
+        if self.signal is None and launcher_gone(self.launcher_pid):
+            self.signal = signal.SIGHUP
+            print("\nthe launcher is gone: finishing this step, then saving a checkpoint and stopping",
+                  file=sys.stderr, flush=True)
+        return self.signal or 0
+
     def _handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, self._previous[signum])
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping",
-              file=sys.stderr, flush=True)
+        if self.signal is None:
+            self.signal, self._received_at = signum, time.monotonic()
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping",
+                  file=sys.stderr, flush=True)
+        elif time.monotonic() - self._received_at >= self.repeat_window:
+            self._act_at_once(signum, frame)
+
+    def _act_at_once(self, signum, frame):
+        previous = self._previous[signum]
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)  # Python's own SIGINT handler: KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+
+class _NoLogs:
+    """Stands in for DVCLive on the processes other than rank 0, which log nothing."""
+
+    step = 0
+
+    def log_metric(self, *args, **kwargs) -> None:
+        """Nothing: rank 0 logs."""
+
+    def make_summary(self) -> None:
+        """Nothing: rank 0 logs."""
 
 
 @dataclass
@@ -303,17 +454,24 @@ class SessionTimer:
 
 
 class Session:
-    """The training loop of one session, with its logging, evaluation and checkpoints."""
+    """The training loop of one session, with its logging, evaluation and checkpoints.
+
+    In a multi-process run every process runs it in step: each trains on its slice of the data, all of them
+    evaluate (the same batches) and take part in saving; rank 0 alone logs and writes.
+    """
 
     def __init__(self, train: TrainParams, plan: RunPlan, model, optimizer, device: torch.device,
-                 batches: TrainBatches, val_windows: TokenWindows | None, started: float, recovery_dir: Path):
+                 batches: TrainBatches, val_windows: TokenWindows | None, started: float, recovery_dir: Path,
+                 world: World | None = None, parallel: ParallelModel | None = None, asked_batch: dict | None = None):
         self.train, self.plan, self.model, self.optimizer, self.device = train, plan, model, optimizer, device
         self.batches, self.recovery_dir = batches, recovery_dir
+        self.world = world or World(device=device)
+        self.parallel = parallel or parallel_model(model, self.world, train.strategy, train.compile)
+        self.asked_batch = asked_batch or {"batch_size": train.batch_size, "grad_accum": train.grad_accum}
         self.precision = pick_precision(train.precision, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.loss_fn = make_loss_fn(model, compile=train.compile)
         self.val = validation_batches(val_windows, train.batch_size, train.eval_batches) if val_windows else []
         self.tokens_per_step = batches.samples_per_step * train.seq_len
         self.started = started
@@ -334,18 +492,22 @@ class Session:
     def run(self, start: int, end: int, live_dir: Path) -> SessionResult:
         """Train steps start -> end (or until stopped), saving and logging on the way."""
         result = SessionResult(start, start, stopped_by="steps_today" if end < self.plan.total_steps else "budget")
-        if not self.timer.allows_step():
-            print(f"train.minutes_today = {self.train.minutes_today} leaves no time for a step and a save: "
-                  "nothing trained")
+        main = self.world.is_main
+        if self._should_stop(None, check_time=True)[1]:
+            if main:
+                print(f"train.minutes_today = {self.train.minutes_today} leaves no time for a step and a save: "
+                      "nothing trained")
             result.stopped_by = "time"
             return result
-        live = open_live(live_dir, start if start > 0 else None)
+        live = open_live(live_dir, start if start > 0 else None) if main else _NoLogs()
         saved = evaluated = start
         step = start
-        with StopRequest() as stop, tqdm(total=end - start, desc=f"steps {start}->{end}", unit="step",
-                                         dynamic_ncols=True) as bar:
-            while step < end:
-                if stop.signal is not None or not self.timer.allows_step():
+        stop = StopRequest(repeat_window=1.0 if self.world.size > 1 else 0.0, launcher_pid=self.world.launcher_pid)
+        with stop, tqdm(total=end - start, desc=f"steps {start}->{end}", unit="step", dynamic_ncols=True,
+                        disable=not main) as bar:
+            while True:
+                signum, out_of_time = self._should_stop(stop, check_time=step < end)
+                if signum or out_of_time or step >= end:
                     break
                 loss, grad_norm, seconds = self.step(step)
                 step += 1
@@ -359,11 +521,12 @@ class Session:
                 if step % self.train.save_every == 0:
                     saved = self._save(step, live)
         result.end_step = step
-        if stop.signal is not None:
-            result.stopped_by, result.exit_code = "signal", 128 + stop.signal
-        elif step < end:
+        if signum:
+            result.stopped_by, result.exit_code = "signal", 128 + signum
+        elif out_of_time:
             result.stopped_by = "time"
-            print(f"stopping at step {step}: train.minutes_today = {self.train.minutes_today} is nearly used up")
+            if main:
+                print(f"stopping at step {step}: train.minutes_today = {self.train.minutes_today} is nearly used up")
         if step > start and result.stopped_by != "signal" and evaluated != step:
             self._evaluate(live, step)
         live.make_summary()
@@ -371,18 +534,30 @@ class Session:
             self._save(step, live)
         return result
 
+    def _should_stop(self, stop: StopRequest | None, check_time: bool) -> tuple[int, bool]:
+        """(signal number or 0, out of time), the same on every process: a signal to any process stops them all,
+        and rank 0's clock alone decides the time (clocks and step times differ between processes)."""
+        signum = stop.received() if stop else 0
+        out_of_time = check_time and self.world.is_main and not self.timer.allows_step()
+        signum, out_of_time = self.world.max([signum, float(out_of_time)])
+        return int(signum), bool(out_of_time)
+
     def step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step (all its micro-batches); returns the loss, gradient norm and seconds taken."""
         began = time.perf_counter()
         batches = self.batches.step_batches(step)
-        counted = max(1, counted_tokens(batches))  # the loss is a mean over the step's counted tokens
+        # The loss is a mean over the counted tokens of the whole global batch, every process's included.
+        counted = max(1, int(self.world.sum(counted_tokens(batches))))
+        # DDP and FSDP average the gradients over the processes: scaling by their number makes that a sum, so the
+        # gradient is the one one process would get for the whole global batch.
+        scale = self.world.size
+        on_device = [self._to_device(inputs, labels) for inputs, labels in batches]  # copies queued up front
         total = torch.zeros((), device=self.device)
-        for inputs, labels in batches:
-            inputs = inputs.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            with self.autocast():
-                loss_sum = self.loss_fn(inputs, labels)
-            (loss_sum / counted).backward()
+        for i, (inputs, labels) in enumerate(on_device):
+            with self.parallel.gradient_sync(last_micro_step=i == len(on_device) - 1):
+                with self.autocast():
+                    loss_sum = self.parallel.forward(inputs, labels)
+                ((loss_sum * scale if scale > 1 else loss_sum) / counted).backward()
             total += loss_sum.detach()
         params = self.model.parameters()
         if self.train.grad_clip > 0:
@@ -394,8 +569,13 @@ class Session:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, grad_norm = (total / counted).item(), grad_norm.item()
+        loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), full_value(grad_norm).item()
         return loss, grad_norm, time.perf_counter() - began
+
+    def _to_device(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":  # from pinned host memory the copy runs while the GPU computes
+            inputs, labels = inputs.pin_memory(), labels.pin_memory()
+        return inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _log_step(self, live, step: int, loss: float, grad_norm: float, seconds: float) -> None:
         live.step = step
@@ -411,9 +591,10 @@ class Session:
         began = time.monotonic()
         self.model.eval()
         total = torch.zeros((), device=self.device)
+        # Every process scores the same batches: FSDP needs all of them in each forward, and they are few.
         with torch.no_grad(), self.autocast():
             for inputs, labels in self.val:
-                total += self.loss_fn(inputs.to(self.device), labels.to(self.device)).float()
+                total += self.parallel.forward(inputs.to(self.device), labels.to(self.device)).float()
         self.model.train()
         live.step = step
         live.log_metric("val/loss", (total / max(1, counted_tokens(self.val))).item())
@@ -426,9 +607,20 @@ class Session:
         live.make_summary()  # metrics.json up to this step, for the logs' snapshot
         state = {"step": step, "total_steps": self.plan.total_steps, "tokens_seen": step * self.tokens_per_step,
                  "data_cursor": self.batches.cursor(step).as_dict(), "fingerprint": self.plan.fingerprint,
-                 "fingerprint_values": self.plan.values}
-        ckpt.save_checkpoint(Path(self.train.checkpoint_dir), self.recovery_dir, self.model, self.optimizer, state)
-        snapshot_logs(Path(self.train.out_dir) / "live", self.recovery_dir / LOGS_SNAPSHOT)
+                 "fingerprint_values": self.plan.values, "world_size": self.world.size,
+                 "batch_params": self.asked_batch}
+        checkpoint_dir = Path(self.train.checkpoint_dir)
+        if self.world.size == 1:
+            ckpt.save_checkpoint(checkpoint_dir, self.recovery_dir, self.model, self.optimizer, state)
+        else:
+            gathered = gather_full_state(self.parallel, self.optimizer, self.world)  # every process takes part
+            if self.world.is_main:
+                weights, optimizer_state = gathered
+                ckpt.save_gathered_checkpoint(checkpoint_dir, self.recovery_dir, weights, self.parallel.tied,
+                                              optimizer_state, state)
+        if self.world.is_main:
+            snapshot_logs(Path(self.train.out_dir) / "live", self.recovery_dir / LOGS_SNAPSHOT)
+        self.world.barrier()  # the checkpoint is whole before any process goes on, or leaves
         seconds = time.monotonic() - began
         self.timer.measured["save"] = seconds
         self.timer.measured["export"] = seconds  # an export writes about what a checkpoint's weights take

@@ -84,3 +84,26 @@ def test_find_takes_the_newest_complete_checkpoint_from_either_place(tmp_path):
                     {"step": 1, "fingerprint": "abc", "fingerprint_values": {}})
     found = find_checkpoints([tmp_path / "checkpoints", tmp_path / "recovery", older])
     assert [(c.step, c.path.parent.name) for c in found] == [(2, "checkpoints"), (1, "elsewhere")]
+
+
+def test_the_same_step_of_another_run_does_not_hide_this_runs_copy(tmp_path):
+    # `dvc exp run` may restore step 2 of the committed run while the recovery folder holds step 2 of a new run.
+    model, optimizer = model_and_optimizer(seed=0)
+    save_checkpoint(tmp_path / "checkpoints", tmp_path / "other-recovery", model, optimizer,
+                    {"step": 2, "fingerprint": "committed-run", "fingerprint_values": {}})
+    save_checkpoint(tmp_path / "elsewhere", tmp_path / "recovery", model, optimizer,
+                    {"step": 2, "fingerprint": "new-run", "fingerprint_values": {}})
+    found = find_checkpoints([tmp_path / "checkpoints", tmp_path / "recovery"])
+    assert [(c.step, c.state["fingerprint"], c.path.parent.name) for c in found] == [
+        (2, "committed-run", "checkpoints"), (2, "new-run", "recovery")]
+
+
+def test_saving_over_another_runs_checkpoint_of_the_same_step_replaces_it_in_both_places(tmp_path):
+    model, optimizer = model_and_optimizer(seed=0)
+    save_checkpoint(tmp_path / "checkpoints", tmp_path / "recovery", model, optimizer,
+                    {"step": 2, "fingerprint": "committed-run", "fingerprint_values": {}})
+    save_checkpoint(tmp_path / "checkpoints", tmp_path / "recovery", model, optimizer,
+                    {"step": 2, "fingerprint": "new-run", "fingerprint_values": {}})
+    for folder in ("checkpoints", "recovery"):
+        [found] = find_checkpoints([tmp_path / folder])
+        assert found.state["fingerprint"] == "new-run", folder
