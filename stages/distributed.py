@@ -67,7 +67,8 @@ def pick_device(wanted: str, local_rank: int = 0) -> torch.device:
     """The device to train on: `auto` takes a GPU when there is one; process `local_rank` of a node takes GPU
     `local_rank`."""
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = cuda, but torch sees no CUDA GPU; set train.device: auto or cpu")
+        raise UserError("device 'cuda' was asked for (train.device or --device), but torch sees no CUDA GPU; "
+                        "use auto or cpu")
     if not (wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())):
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():

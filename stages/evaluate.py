@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from stages.errors import UserError, run_stage
-from stages.generate import (MODELS_DIR, Decoding, generate_texts, instruction_prompt, instruction_template,
+from stages.generate import (Decoding, generate_texts, instruction_prompt, instruction_template,
                              load_model)
-from stages.params import TOKENS_DIR, load_params
+from stages.params import MODELS_DIR, TOKENS_DIR, load_params
 from stages.token_files import open_split
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file

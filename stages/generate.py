@@ -28,10 +28,9 @@ from transformers.utils import logging as hf_logging
 
 from stages import templates
 from stages.errors import UserError, run_stage
-from stages.params import PARAMS_FILE, RENDERED_DIR, load_params
+from stages.distributed import pick_device
+from stages.params import MODELS_DIR, PARAMS_FILE, RENDERED_DIR, load_params
 
-# Where the train stage exports models: models/<train.model_name>/ (HuggingFace layout).
-MODELS_DIR = Path("models")
 # Tokens that end an assistant turn in common chat templates; generation stops at them as at EOS.
 END_OF_TURN_TOKENS = (templates.CHATML_END, "<|end|>", "<|eot_id|>", "<end_of_turn>")
 
@@ -44,15 +43,6 @@ class Decoding:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-
-
-def pick_device(choice: str = "auto") -> torch.device:
-    """'auto' -> the GPU when there is one, else the CPU."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    return torch.device(choice)
 
 
 def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: str = "auto"):

@@ -22,6 +22,7 @@ PARAMS_FILE = "params.yaml"
 RENDERED_DIR = Path("data/rendered")
 TOKENIZER_DIR = Path("data/tokenizer")
 TOKENS_DIR = Path("data/tokens")
+MODELS_DIR = Path("models")  # the train stage exports models/<train.model_name>/ (HuggingFace layout)
 
 
 class ParamError(UserError):

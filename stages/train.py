@@ -54,11 +54,10 @@ from stages.distributed import (ParallelModel, World, exit_code_to_report, full_
 from stages.errors import UserError, run_stage
 from stages.live_logs import has_logs, open_live, restore_logs, snapshot_logs
 from stages.model import export_model, new_model, pretrained_model, set_special_ids
-from stages.params import TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
+from stages.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
 from stages.schedule import lr_at, session_end, time_for_another_step, total_steps
 from stages.token_files import open_split, read_meta
 
-MODELS_DIR = Path("models")
 LOGS_SNAPSHOT = "live"  # the DVCLive logs as of the recovery checkpoint, inside the recovery folder
 SAVE_BYTES_PER_SECOND = 100e6  # a cautious disk speed, to reserve time for a save before one has been timed
 
