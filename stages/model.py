@@ -194,7 +194,13 @@ def export_model(model: PreTrainedModel, tokenizer_dir: Path, out_dir: Path) -> 
         shutil.rmtree(leftover, ignore_errors=True)
     partial.mkdir(parents=True)
     hf_logging.disable_progress_bar()
-    model.save_pretrained(partial)
+    # Training runs without the KV cache; the exported model is for generating, which wants it.
+    training_setting = model.config.use_cache, model.generation_config.use_cache
+    model.config.use_cache = model.generation_config.use_cache = True
+    try:
+        model.save_pretrained(partial)
+    finally:
+        model.config.use_cache, model.generation_config.use_cache = training_setting
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file():
             shutil.copyfile(f, partial / f.name)

@@ -88,6 +88,8 @@ def test_export_loads_with_from_pretrained_and_is_byte_reproducible(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "tiny")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models" / "tiny")
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id == 0
+    assert loaded.config.use_cache and loaded.generation_config.use_cache  # users generate with the KV cache
+    assert model.config.use_cache is False  # while training goes on without it
     tokens, _ = windows()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
