@@ -31,8 +31,6 @@ from stages.errors import UserError, run_stage
 from stages.distributed import pick_device
 from stages.params import MODELS_DIR, PARAMS_FILE, RENDERED_DIR, load_params
 
-# Tokens that end an assistant turn in common chat templates; generation stops at them as at EOS.
-END_OF_TURN_TOKENS = (templates.CHATML_END, "<|end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 @dataclass
@@ -66,16 +64,6 @@ def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: s
     return model, tokenizer
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """EOS, the end-of-turn tokens the tokenizer has, and the model's own generation_config EOS ids."""
-    vocab = tokenizer.get_vocab()
-    ids = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids += configured if isinstance(configured, list) else [configured]
-    return sorted(set(ids))
-
-
 def instruction_prompt(instruction: str, input: str = "", template: str = "alpaca", tokenizer=None) -> str:
     """The training prompt for an instruction (and input), as the render stage renders instruction data.
 
@@ -101,7 +89,7 @@ def chat_prompt(messages: list[dict], template: str, tokenizer) -> str:
 
 def generate_ids(model, tokenizer, prompts: list[str], decoding: Decoding, streamer=None) -> list[list[int]]:
     """Generate one reply per prompt, in one left-padded batch; return each reply's new token ids, up to the stop."""
-    stops = stop_token_ids(tokenizer, model)
+    stops = templates.stop_token_ids(tokenizer, model)
     tokenizer.padding_side = "left"  # replies start right after each prompt
     # No special tokens: the tokenize stage encoded the training text the same way.
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)

@@ -12,12 +12,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from stages.batches import IGNORE_INDEX
 from stages.errors import UserError
 from stages.params import ModelParams
+from stages.templates import stop_token_ids
 
 # Model families whose logits are exactly `lm_head(last hidden state)` (no bias, scaling or soft-capping), so the
 # chunked loss computes the same thing as their own forward. Others fall back to the model's own logits.
@@ -194,13 +195,18 @@ def export_model(model: PreTrainedModel, tokenizer_dir: Path, out_dir: Path) -> 
         shutil.rmtree(leftover, ignore_errors=True)
     partial.mkdir(parents=True)
     hf_logging.disable_progress_bar()
-    # Training runs without the KV cache; the exported model is for generating, which wants it.
-    training_setting = model.config.use_cache, model.generation_config.use_cache
-    model.config.use_cache = model.generation_config.use_cache = True
+    # The exported model is for generating: with the KV cache (training runs without it), and stopping at the end
+    # of an assistant turn as well as at EOS, so `pipeline("text-generation")` ends a chat answer where it should.
+    gen = model.generation_config
+    training_setting = model.config.use_cache, gen.use_cache, gen.eos_token_id
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model.config.use_cache = gen.use_cache = True
+    stops = stop_token_ids(tokenizer, model)
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
     try:
         model.save_pretrained(partial)
     finally:
-        model.config.use_cache, model.generation_config.use_cache = training_setting
+        model.config.use_cache, gen.use_cache, gen.eos_token_id = training_setting
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file():
             shutil.copyfile(f, partial / f.name)

@@ -50,6 +50,8 @@ ALPACA_PROMPT_NO_INPUT = (
 
 CHATML_START = "<|im_start|>"
 CHATML_END = "<|im_end|>"
+# Tokens that end an assistant turn in common chat templates; generation stops at them as at EOS.
+END_OF_TURN_TOKENS = (CHATML_END, "<|end|>", "<|eot_id|>", "<end_of_turn>")
 CHATML_SPECIAL_TOKENS = [CHATML_START, CHATML_END]
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -191,3 +193,13 @@ def _unstable(turn: int, why: str) -> TemplateError:
     return TemplateError(f"the tokenizer's chat template is not prefix-stable at message {turn} (an assistant "
                          f"turn): {why}, so the answer cannot be told apart from the prompt. "
                          "Set render.template: chatml to use ChatML instead")
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS, the end-of-turn tokens the tokenizer has, and the model's own generation_config EOS ids."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids += configured if isinstance(configured, list) else [configured]
+    return sorted(set(ids))

@@ -99,7 +99,7 @@ def test_generation_stops_at_eos(tmp_path):
 
 def test_stop_tokens_are_eos_and_im_end(loaded):
     model, tokenizer = loaded
-    stops = generate.stop_token_ids(tokenizer, model)
+    stops = templates.stop_token_ids(tokenizer, model)
     assert stops == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(templates.CHATML_END)})
 
 

@@ -89,6 +89,7 @@ def test_export_loads_with_from_pretrained_and_is_byte_reproducible(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models" / "tiny")
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id == 0
     assert loaded.config.use_cache and loaded.generation_config.use_cache  # users generate with the KV cache
+    assert model.generation_config.eos_token_id == 0  # the training model is left as it was
     assert model.config.use_cache is False  # while training goes on without it
     tokens, _ = windows()
     with torch.no_grad():
@@ -105,3 +106,18 @@ def test_fine_tuning_grows_a_smaller_vocabulary_and_rejects_a_too_long_context(t
         pretrained_model(str(tmp_path / "base"), VOCAB, seq_len=32, seed=0)
     with pytest.raises(UserError, match=r"train\.init_from = .*no config\.json"):
         pretrained_model(str(tmp_path / "nowhere"), VOCAB, seq_len=16, seed=0)
+
+
+def test_a_chat_models_export_stops_generating_at_the_end_of_a_turn(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<pad>": 1, "<|im_end|>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
+                            additional_special_tokens=["<|im_end|>"]).save_pretrained(tmp_path / "tokenizer")
+    model = tiny_model()
+    set_special_ids(model, SPECIAL)
+    export_model(model, tmp_path / "tokenizer", tmp_path / "chat")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "chat").generation_config.eos_token_id == [0, 2]
