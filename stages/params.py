@@ -108,7 +108,7 @@ class TrainParams:
     beta2: float = _param(0.95, "in [0, 1)", lambda v: 0 <= v < 1)
     grad_clip: float = _param(1.0, "0 (off) or > 0", lambda v: v >= 0)
     epochs: int = _param(1, **_at_least(1))  # used when total_step_budget is 0
-    total_step_budget: int = _param(600, "0 (use epochs) or >= 1", lambda v: v >= 0)
+    total_step_budget: int = _param(1000, "0 (use epochs) or >= 1", lambda v: v >= 0)
     steps_today: int = _param(0, "0 (until the budget is spent) or >= 1", lambda v: v >= 0)
     minutes_today: float = _param(0.0, "0 (no limit) or > 0", lambda v: v >= 0)
     save_every: int = _param(100, **_at_least(1))
