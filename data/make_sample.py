@@ -5,7 +5,7 @@
 
 Everything is generated from a fixed seed, so the output is the same bytes every time; nothing is copied from
 elsewhere. Every answer is short and exactly checkable, so a tiny model (4 layers, 128 wide) shows progress
-within the default 600 steps (letter counting first; the arithmetic and word tasks take longer):
+within the default 1,000 steps (letter counting first; the arithmetic and word tasks take longer):
 
 - add / sub: one- and two-digit addition and subtraction (results never negative);
 - larger: which of two numbers is larger;
