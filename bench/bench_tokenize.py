@@ -49,7 +49,7 @@ def build_corpus(text_file: Path, mb: float, folder: Path) -> int:
 def run_stage(folder: Path, tokenizer: Path, chunk_mb: float) -> dict:
     """Child: the tokenize stage end to end."""
     sys.path.insert(0, str(REPO))
-    from stages.params import TokenizeParams
+    from stages.lib.params import TokenizeParams
     from stages.tokenize import tokenize_records
 
     started = time.perf_counter()

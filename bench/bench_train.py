@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.batches import TokenWindows, TrainBatches  # noqa: E402
-from stages.params import parse_params  # noqa: E402
-from stages.token_files import read_meta  # noqa: E402
-from stages.train import Session, build_model, make_optimizer, plan_run  # noqa: E402
+from stages.lib.batches import TrainBatches, split_windows  # noqa: E402
+from stages.lib.model import build_model  # noqa: E402
+from stages.lib.params import parse_params  # noqa: E402
+from stages.lib.precision import pick_precision  # noqa: E402
+from stages.lib.session import Session  # noqa: E402
+from stages.lib.token_files import SplitWriter, new_meta, read_meta, write_meta  # noqa: E402
+from stages.lib.world import World  # noqa: E402
+from stages.train import build_trainee, decide_on_main  # noqa: E402
 
 CONFIGS = {
     # params.yaml defaults, with the 1,024-token BPE vocabulary the default tokenizer stage trains.
@@ -46,7 +51,7 @@ CONFIGS = {
 
 
 def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0) -> None:
-    """A word-level tokenizer of `vocab` entries and random token files per docs/formats.md."""
+    """A word-level tokenizer of `vocab` entries and random token files written by the tokenize stage's writer."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     words = {"<eos>": 0, **{f"w{i}": i for i in range(1, vocab)}}
@@ -56,15 +61,12 @@ def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0) -> None
     tokens = root / "data" / "tokens"
     tokens.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    splits = {}
+    meta = new_meta(vocab, 0, "bench", save_bin=True, save_jsonl=False)
     for split, n in (("train", n_tokens), ("val", n_tokens // 20)):
-        ids = rng.integers(0, vocab, n).astype("<u2")
-        ids.tofile(tokens / f"{split}.bin")
-        np.ones(n, np.uint8).tofile(tokens / f"{split}.mask.bin")
-        splits[split] = {"documents": 1, "tokens": n, "loss_tokens": n, "sha256": f"random-{seed}-{split}"}
-    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": vocab, "eos_id": 0,
-            "tokenizer_fingerprint": "bench", "splits": splits, "bin": True, "jsonl": False}
-    (tokens / "meta.json").write_text(json.dumps(meta))
+        with SplitWriter(tokens, split, meta["dtype"], save_bin=True, save_jsonl=False) as writer:
+            writer.write(rng.integers(0, vocab, n), np.ones(n, np.uint8), np.array([n]))
+        meta["splits"][split] = writer.summary()
+    write_meta(tokens, meta)
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by a part of the device name;
@@ -139,16 +141,19 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict
         root = Path(tmp)
         train = parse_params({"train": {**spec["train"], "device": device.type}}).train
         make_workspace(root, spec["vocab"], n_tokens=max(200_000, 50 * train.seq_len * train.batch_size))
-        meta = read_meta(root / "data" / "tokens")
-        ids = np.memmap(root / "data" / "tokens" / "train.bin", dtype="<u2", mode="r")
-        mask = np.memmap(root / "data" / "tokens" / "train.mask.bin", dtype=np.uint8, mode="r")
-        windows = TokenWindows(ids, mask, train.seq_len)
-        plan = plan_run(train, meta, windows.count, root / "data" / "tokenizer")
+        tokens = root / "data" / "tokens"
+        windows = split_windows(tokens, "train", train.seq_len, required=True)
+        train = replace(train, checkpoint_dir=str(root / "checkpoints"), out_dir=str(root / "outputs"))
+        decision = decide_on_main(train, read_meta(tokens), windows.count, root / "data" / "tokenizer",
+                                  root / "recovery", False, 1)
         batches = TrainBatches(windows, train.seed, train.batch_size, train.grad_accum)
-        ours_model = build_model(train, plan).to(device)
-        ours = Session(train, plan, ours_model, make_optimizer(ours_model, train), device, batches,
-                       None, time.monotonic(), root / "recovery")
-        base = Baseline(build_model(train, plan), train, batches, device, ours.autocast)
+        world = World(device=device)
+        trainee = build_trainee(train, decision, world, root / "outputs" / "live")
+        ours_model = trainee.parallel.model
+        ours = Session(train, decision, trainee, pick_precision(train.precision, device), batches, None,
+                       time.monotonic(), root / "recovery")
+        base = Baseline(build_model(train, decision.vocab_size, decision.special_ids), train, batches, device,
+                        ours.precision.autocast)
         per_token = flops_per_token(ours_model, train.seq_len)
         tokens = batches.samples_per_step * train.seq_len
         ours.step(0), base.step(0)  # warm-up: first-call allocations
@@ -163,7 +168,7 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict
     peak = statistics.median(times["peak"])
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     sheet = gpu_peak_tflops(card) if card else None
-    result = {"config": name, "device": card or "cpu", "precision": ours.precision,
+    result = {"config": name, "device": card or "cpu", "precision": ours.precision.name,
               "parameters": sum(p.numel() for p in ours_model.parameters()),
               "tokens_per_step": tokens, "gflop_per_token": per_token / 1e9, "peak_gflops": peak,
               "datasheet_peak_gflops": sheet * 1e3 if sheet else None}
@@ -178,7 +183,7 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict
 
 CHILD = """
 import json, sys, time
-from stages.params import load_params
+from stages.lib.params import load_params
 from stages.train import run_session
 result = run_session(load_params().train)
 print(json.dumps({"start_step": result.start_step, "first_step_at": result.first_step_at}))

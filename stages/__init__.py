@@ -1,1 +1,2 @@
-"""Pipeline stages: one module per DVC stage, each run as `python -m stages.<name>`."""
+"""Pipeline stages: `stages/<name>.py` is one DVC stage or command (`python -m stages.<name>`); `stages/lib/` holds
+the parts they share."""

@@ -23,7 +23,6 @@ The same model and data give byte-identical outputs.
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages.errors import UserError, run_stage
-from stages.generate import (Decoding, generate_texts, instruction_prompt, instruction_template,
-                             load_model)
-from stages.params import MODELS_DIR, TOKENS_DIR, load_params
-from stages.token_files import open_split
+from stages.lib.errors import UserError, run_stage
+from stages.lib.files import write_atomically
+from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
+from stages.lib.params import MODELS_DIR, TOKENS_DIR, load_params
+from stages.lib.token_files import open_split
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
 
@@ -170,15 +169,8 @@ def score(samples: list[dict]) -> dict:
 
 def write_results(out_dir: Path, metrics: dict, samples: list[dict]) -> None:
     """Write metrics.json and samples.jsonl, each to a temporary name first so no half-written file remains."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-
-
-def _write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomically(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
 def summary(metrics: dict, eval_dir: Path) -> str:

@@ -9,7 +9,7 @@ sorted path order. Each file is one of:
   more blank (empty or whitespace-only) lines; `line` = each non-blank line; `file` = the whole file. A document
   is one segment with `response: true`.
 - instruction data: objects with `instruction`, `output` and an optional `input` (missing or null = empty),
-  rendered with the Alpaca prompt (stages/templates.py), or with a chat template as a user/assistant exchange
+  rendered with the Alpaca prompt (stages/lib/templates.py), or with a chat template as a user/assistant exchange
   when `render.template` is `chatml` or `tokenizer`.
 - chat data: objects with `messages: [{role, content}]` (roles system, user, assistant) or the ShareGPT shape
   `conversations: [{from, value}]` (from: system, human or user, gpt or assistant), rendered with ChatML or the
@@ -29,19 +29,17 @@ end; the same input always gives byte-identical outputs.
 
 import glob
 import json
-import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages import templates
-from stages.errors import UserError, run_stage
-from stages.params import RENDERED_DIR, Params, load_params
+from stages.lib import templates
+from stages.lib.errors import UserError, run_stage
+from stages.lib.files import replaced_file
+from stages.lib.params import RENDERED_DIR, Params, load_params
+from stages.lib.records import RECORDS_FILE, STATS_FILE, record_line
 
-RECORDS_FILE = "records.jsonl"
-STATS_FILE = "stats.json"
 DATA_SUFFIXES = (".txt", ".json", ".jsonl")
 JSON_SUFFIXES = (".json", ".jsonl")
 MAX_SKIPPED_LISTED = 100  # stats.json lists the first ones; the count covers all
@@ -105,7 +103,7 @@ def render(params: Params, out_dir: str | Path) -> dict:
     files = find_input_files(params.render.data_path)
     chooser = TemplateChooser(params)
     stats = Stats()
-    with _replaced_on_success(out_dir / RECORDS_FILE) as out:
+    with replaced_file(out_dir / RECORDS_FILE) as out:
         for path in files:
             for record in _file_records(path, params, chooser, stats):
                 out.write(record)
@@ -113,7 +111,7 @@ def render(params: Params, out_dir: str | Path) -> dict:
             raise UserError(f"no records were rendered from render.data_path = {params.render.data_path!r} "
                             f"({stats.records_read} read, {stats.records_skipped} skipped): the data is empty or "
                             "every record was bad")
-    with _replaced_on_success(out_dir / STATS_FILE) as out:
+    with replaced_file(out_dir / STATS_FILE) as out:
         out.write(json.dumps(stats.as_json(), indent=2, ensure_ascii=False) + "\n")
     _report(stats, out_dir)
     return stats.as_json()
@@ -323,13 +321,10 @@ def _message(turn: Any, key: str, i: int) -> dict:
 
 
 def _record_line(where: Location, kind: str, segments: list[dict]) -> str:
-    line = json.dumps({"source": str(where), "kind": kind, "segments": segments}, ensure_ascii=False) + "\n"
     try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RecordError("the text holds a lone UTF-16 surrogate escape (such as \\ud800), which is not valid "
-                          "text") from None
-    return line
+        return record_line(str(where), kind, segments)
+    except ValueError as err:
+        raise RecordError(str(err)) from None
 
 
 def _bad_record(where: Location, problem: str, params: Params, stats: Stats) -> None:
@@ -437,19 +432,6 @@ def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
              float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-@contextmanager
-def _replaced_on_success(path: Path) -> Iterator[Any]:
-    """Write to a temporary file beside `path`; rename it over `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _report(stats: Stats, out_dir: Path) -> None:

@@ -25,11 +25,12 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from stages.errors import UserError, run_stage
-from stages.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
-from stages.token_files import FORMAT_VERSION, SplitWriter, id_dtype, partial_folder, token_dtype
+from stages.lib.errors import UserError, run_stage
+from stages.lib.files import replaced_folder
+from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
+from stages.lib.records import RECORDS_FILE, Document, parse_record
+from stages.lib.token_files import SplitWriter, id_dtype, new_meta, write_meta
 
-RECORDS_FILE = "records.jsonl"
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
 
 
@@ -41,18 +42,6 @@ class TokenizerInfo:
     eos_id: int
     vocab_size: int
     fingerprint: str
-
-
-@dataclass
-class Document:
-    """One rendered record: its whole text and the character ranges that count in the loss."""
-
-    text: str
-    response_spans: list[tuple[int, int]]
-
-    def all_response(self) -> bool:
-        """True when every character is response text (plain text records)."""
-        return self.response_spans == [(0, len(self.text))]
 
 
 def main() -> None:
@@ -69,12 +58,11 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
     if len(starts) == 0:
         raise UserError(f"{records_path} holds no records: check render.data_path and rerun the render stage")
     splits = dict(zip(("train", "val"), split_documents(len(starts), params.val_ratio, params.shuffle, params.seed)))
-    dtype = token_dtype(tok.vocab_size)
     save_jsonl = params.emit_jsonl or not params.save_bin
     chunk_bytes = max(1, int(params.chunk_mb * (1 << 20)))
-    meta = {"format_version": FORMAT_VERSION, "dtype": dtype, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "tokenizer_fingerprint": tok.fingerprint, "splits": {}, "bin": params.save_bin, "jsonl": save_jsonl}
-    with partial_folder(out_dir) as folder, _Progress(int(lengths.sum())) as progress:
+    meta = new_meta(tok.vocab_size, tok.eos_id, tok.fingerprint, params.save_bin, save_jsonl)
+    dtype = meta["dtype"]
+    with replaced_folder(out_dir) as folder, _Progress(int(lengths.sum())) as progress:
         for split, order in splits.items():
             with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
@@ -83,7 +71,7 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
                     writer.write(ids, mask, doc_lengths)
                     progress.advance(nbytes, len(ids))
             meta["splits"][split] = writer.summary()
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_meta(folder, meta)
     print_summary(meta)
     return meta
 
@@ -201,31 +189,6 @@ def _line_number(path: Path, offset: int) -> int:
     # Only on the error path: counting newlines up to `offset` costs a read of the file's head.
     with open(path, "rb") as f:
         return f.read(offset).count(b"\n") + 1
-
-
-def parse_record(line: bytes | str) -> Document:
-    """One line of records.jsonl as a Document; ValueError says what is wrong with it."""
-    try:
-        record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
-    except ValueError as err:
-        raise ValueError(f"not valid JSON ({err})") from None
-    segments = record.get("segments") if isinstance(record, dict) else None
-    if not isinstance(segments, list):
-        raise ValueError("expected a JSON object with a \"segments\" list")
-    texts, spans, at = [], [], 0
-    for segment in segments:
-        text = segment.get("text") if isinstance(segment, dict) else None
-        response = segment.get("response") if isinstance(segment, dict) else None
-        if not isinstance(text, str) or not isinstance(response, bool):
-            raise ValueError("each segment must be {\"text\": string, \"response\": true or false}")
-        if response and text:
-            if spans and spans[-1][1] == at:  # neighbouring response segments form one span
-                spans[-1] = (spans[-1][0], at + len(text))
-            else:
-                spans.append((at, at + len(text)))
-        texts.append(text)
-        at += len(text)
-    return Document("".join(texts), spans)
 
 
 def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,

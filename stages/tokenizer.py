@@ -4,7 +4,6 @@ Either way the result is saved with `save_pretrained` to data/tokenizer/, so the
 `tokenizer.json` and the exported model later carries the exact same tokenizer.
 """
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -12,10 +11,10 @@ from typing import Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from stages.errors import UserError, run_stage
-from stages.params import RENDERED_DIR, TOKENIZER_DIR, TokenizerParams, load_params
-from stages.token_files import partial_folder
-from stages.tokenize import RECORDS_FILE, parse_record
+from stages.lib.errors import UserError, run_stage
+from stages.lib.files import replaced_folder
+from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TokenizerParams, load_params
+from stages.lib.records import RECORDS_FILE, parse_record, templates_used
 
 EOS_TOKEN = "<|endoftext|>"
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
@@ -44,9 +43,9 @@ def build_tokenizer(params: TokenizerParams, rendered_dir: Path, out_dir: Path) 
     if params.tokenizer_type == "huggingface":
         tokenizer = load_huggingface_tokenizer(Path(params.tokenizer_path), params.trust_remote_code)
     else:
-        chat = uses_chatml(rendered_dir / "stats.json")
+        chat = "chatml" in templates_used(rendered_dir, required=True)
         tokenizer = train_bpe(rendered_dir / RECORDS_FILE, params.vocab_size, params.min_frequency, chat)
-    with partial_folder(out_dir) as folder:
+    with replaced_folder(out_dir) as folder:
         tokenizer.save_pretrained(str(folder))
         if not (folder / "tokenizer.json").exists():
             raise UserError(f"the tokenizer from {params.tokenizer_path} saved no tokenizer.json; the tokenize stage "
@@ -83,14 +82,6 @@ def load_huggingface_tokenizer(path: Path, trust_remote_code: bool) -> PreTraine
         raise UserError(f"{key} = '{path}': the tokenizer has no EOS token, which ends every document; add "
                         "\"eos_token\" to its tokenizer_config.json")
     return tokenizer
-
-
-def uses_chatml(stats_path: Path) -> bool:
-    """True when the render stage's stats.json lists the chatml template among those it used."""
-    if not stats_path.exists():
-        raise UserError(f"{stats_path} not found: run the render stage first (dvc repro render)")
-    templates = json.loads(stats_path.read_text(encoding="utf-8")).get("templates") or []
-    return "chatml" in templates
 
 
 def train_bpe(records_path: Path, vocab_size: int, min_frequency: int, chat: bool) -> PreTrainedTokenizerFast:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.batches import IGNORE_INDEX, TokenWindows, TrainBatches, WindowOrder, counted_tokens, validation_batches
+from stages.lib.batches import IGNORE_INDEX, TokenWindows, TrainBatches, WindowOrder, counted_tokens, validation_batches
 
 
 def stream(n=1000, seed=0):

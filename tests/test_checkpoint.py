@@ -2,13 +2,17 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from stages import checkpoint as ckpt
-from stages.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
+from stages.lib import checkpoint as ckpt
+from stages.lib.checkpoint import find_checkpoints
+from stages.lib.model import tied_names
+from stages.lib.parallel import ParallelModel
+from stages.lib.world import World
 
 
 def model_and_optimizer(seed):
@@ -24,6 +28,17 @@ def draws():
     return random.random(), float(np.random.rand()), torch.rand(1).item()
 
 
+def trainee(model, optimizer, live_dir=None):
+    """A one-process trainee of any torch module."""
+    parallel = ParallelModel(model, model, model, "single", tied_names(model))
+    return ckpt.Trainee(parallel, optimizer, World(), live_dir or Path("no-logs"))
+
+
+def save_checkpoint(checkpoint_dir, recovery_dir, model, optimizer, state):
+    ckpt.save(checkpoint_dir, recovery_dir, trainee(model, optimizer), state)
+    return checkpoint_dir / ckpt.folder_name(state["step"])
+
+
 def save(tmp_path, model, optimizer, step):
     return save_checkpoint(tmp_path / "checkpoints", tmp_path / "recovery", model, optimizer,
                            {"step": step, "fingerprint": "abc", "fingerprint_values": {}})
@@ -36,7 +51,7 @@ def test_load_restores_weights_optimizer_state_and_every_random_generator(tmp_pa
     fresh_model, fresh_optimizer = model_and_optimizer(seed=1)
     draws(), draws()  # move the generators on
     [found] = find_checkpoints([tmp_path / "checkpoints"])
-    load_checkpoint(found, fresh_model, fresh_optimizer, torch.device("cpu"))
+    ckpt.restore(found, trainee(fresh_model, fresh_optimizer))
     assert draws() == expected_draws
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         assert torch.equal(a, b)

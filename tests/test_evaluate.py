@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import yaml
 
 from stages import evaluate
-from stages.errors import UserError
-from stages.generate import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
+from stages.lib.errors import UserError
+from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
+from conftest import write_token_files
 from test_generate import save_tiny_export
 
 SEQ_LEN = 8
@@ -105,16 +106,11 @@ def make_project(root, loaded, n_val=40, seed=1, render_template="auto"):
 
 
 def write_val_tokens(folder, ids, vocab_size):
-    """Token files as docs/formats.md describes them (uint16 .bin and mask), every other token in the loss."""
-    folder.mkdir(parents=True)
-    splits = {}
-    for split, tokens in (("train", ids[:4]), ("val", ids)):
-        (folder / f"{split}.bin").write_bytes(np.asarray(tokens, "<u2").tobytes())
-        (folder / f"{split}.mask.bin").write_bytes((np.arange(len(tokens)) % 2).astype(np.uint8).tobytes())
-        splits[split] = {"documents": 1, "tokens": len(tokens), "loss_tokens": len(tokens) // 2, "sha256": ""}
-    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": vocab_size, "eos_id": 0,
-            "tokenizer_fingerprint": "", "splits": splits, "bin": True, "jsonl": False}
-    (folder / "meta.json").write_text(json.dumps(meta))
+    """Token files with `ids` as one validation document, every other token in the loss."""
+    ids = np.asarray(ids)
+    every_other = (np.arange(len(ids)) % 2).astype(np.uint8)
+    write_token_files(folder, {"train": [(ids[:4], every_other[:4])], "val": [(ids, every_other)]}, vocab_size,
+                      eos_id=0)
 
 
 @pytest.mark.parametrize("render_template", ["auto", "chatml"])

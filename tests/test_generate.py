@@ -5,12 +5,15 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages import generate, templates
-from stages.errors import UserError
-from stages.generate import Conversation, Decoding, choose_chat_template, choose_style, generate_ids, load_model
+from conftest import save_tokenizer
+
+from stages.lib import inference, templates
+from stages.lib.errors import UserError
+from stages import generate as generate_command
+from stages.generate import Conversation
+from stages.lib.inference import Decoding, choose_chat_template, choose_style, generate_ids, load_model
 
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -25,14 +28,9 @@ def save_tiny_export(folder, chat_template: str | None = None, max_positions: in
     The output rows of the stop tokens are zero, so their logit is 0 while the best other token's is almost surely
     positive: greedy decoding never stops early, which lets tests count the tokens generated.
     """
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", templates.CHATML_START, templates.CHATML_END]
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                        chat_template=chat_template)
+    specials = ("<|endoftext|>", templates.CHATML_START, templates.CHATML_END)
+    tokenizer = save_tokenizer(folder, corpus=CORPUS, specials=specials, eos="<|endoftext|>", pad="<|endoftext|>",
+                               chat_template=chat_template)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
@@ -43,7 +41,6 @@ def save_tiny_export(folder, chat_template: str | None = None, max_positions: in
         for token in specials:
             model.lm_head.weight[tokenizer.convert_tokens_to_ids(token)] = 0
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -59,7 +56,7 @@ def loaded(export):
 
 def test_reply_is_text_and_has_exactly_max_new_tokens_when_nothing_stops_it(loaded):
     model, tokenizer = loaded
-    prompt = generate.instruction_prompt("Add 3 and 4.")
+    prompt = inference.instruction_prompt("Add 3 and 4.")
     for limit in (1, 6):
         ids = generate_ids(model, tokenizer, [prompt], Decoding(max_new_tokens=limit))[0]
         assert len(ids) == limit
@@ -69,7 +66,7 @@ def test_reply_is_text_and_has_exactly_max_new_tokens_when_nothing_stops_it(load
 
 def test_greedy_is_deterministic_and_batching_does_not_change_answers(loaded):
     model, tokenizer = loaded
-    prompts = [generate.instruction_prompt(q) for q in ("Add 3 and 4.", "Reverse the word lomak.")]
+    prompts = [inference.instruction_prompt(q) for q in ("Add 3 and 4.", "Reverse the word lomak.")]
     prompts.append("The quick brown fox")
     decoding = Decoding(max_new_tokens=8)
     alone = [generate_ids(model, tokenizer, [p], decoding)[0] for p in prompts]
@@ -109,19 +106,19 @@ def test_instruction_prompt_is_the_training_prompt(loaded):
     trained = templates.render_instruction("Add 3 and 4.", "", "7")
     assert [s["response"] for s in trained] == [False, True]
     assert session.prompt_for("Add 3 and 4.") == trained[0]["text"]
-    assert generate.instruction_prompt("Add", "3 and 4") == templates.render_instruction("Add", "3 and 4", "")[0][
+    assert inference.instruction_prompt("Add", "3 and 4") == templates.render_instruction("Add", "3 and 4", "")[0][
         "text"]
 
 
 @pytest.mark.parametrize("render_template", ["chatml", "tokenizer"])
 def test_instruction_prompt_follows_a_chat_render_template(tmp_path, render_template):
     _, tokenizer = load_model(save_tiny_export(tmp_path, chat_template=CHATML_TEMPLATE), device="cpu")
-    template = generate.instruction_template(render_template)
-    assert template == render_template and generate.instruction_template("auto") == "alpaca"
+    template = inference.instruction_template(render_template)
+    assert template == render_template and inference.instruction_template("auto") == "alpaca"
     # The render stage renders instruction data with a chat template as a user turn and an assistant answer.
     trained = templates.render_chat(templates.instruction_as_chat("Reverse the word", "lomak", "kamol"), template,
                                     tokenizer)
-    assert generate.instruction_prompt("Reverse the word", "lomak", template, tokenizer) == trained[0]["text"]
+    assert inference.instruction_prompt("Reverse the word", "lomak", template, tokenizer) == trained[0]["text"]
 
 
 @pytest.mark.parametrize("template", ["chatml", "tokenizer"])
@@ -175,9 +172,9 @@ def test_style_follows_the_templates_the_training_data_used(loaded, tmp_path):
 
 def test_command_streams_the_greedy_answer(export, loaded, capsys):
     model, tokenizer = loaded
-    expected = generate.generate_texts(model, tokenizer, [generate.instruction_prompt("Add 3 and 4.")],
+    expected = inference.generate_texts(model, tokenizer, [inference.instruction_prompt("Add 3 and 4.")],
                                        Decoding(max_new_tokens=5))[0]
-    generate.main(["--model", str(export), "--prompt", "Add 3 and 4.", "--no-chat", "--temperature", "0",
+    generate_command.main(["--model", str(export), "--prompt", "Add 3 and 4.", "--no-chat", "--temperature", "0",
                    "--max-new-tokens", "5", "--device", "cpu"])
     assert capsys.readouterr().out == expected + "\n"
 
@@ -192,7 +189,7 @@ def test_interactive_mode_answers_each_line_and_reset_forgets(export, monkeypatc
 
     monkeypatch.setattr(Conversation, "prompt_for", recorded)
     monkeypatch.setattr("sys.stdin", io.StringIO("Add 3 and 4.\nAnd 5?\n\n/reset\nReverse the word lomak.\n"))
-    generate.main(["--model", str(export), "--chat", "--temperature", "0", "--max-new-tokens", "3",
+    generate_command.main(["--model", str(export), "--chat", "--temperature", "0", "--max-new-tokens", "3",
                    "--device", "cpu"])
     assert len(prompts) == 3
     assert "Add 3 and 4." in prompts[1]  # the conversation is kept ...

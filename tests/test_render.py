@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import templates
-from stages.errors import UserError
-from stages.params import parse_params
+from conftest import save_tokenizer
+from stages.lib import templates
+from stages.lib.errors import UserError
+from stages.lib.params import parse_params
 from stages.render import render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,15 +352,8 @@ def test_output_is_deterministic():
 
 def make_hf_tokenizer(folder: str, chat_template: str | None) -> str:
     """A tiny BPE tokenizer folder saved the HuggingFace way, optionally with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["hello world 2+3 is 5"] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", chat_template=chat_template)
-    fast.save_pretrained(folder)
+    save_tokenizer(Path(folder), corpus=["hello world 2+3 is 5"] * 4, specials=("</s>",), eos="</s>",
+                   chat_template=chat_template)
     return folder
 
 

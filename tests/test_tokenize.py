@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from stages.errors import UserError
-from stages.params import TokenizeParams
-from stages.token_files import open_split, read_meta, token_dtype
-from stages.tokenize import load_tokenizer, parse_record, response_token_mask, split_documents, tokenize_records
+from conftest import write_rendered
+from stages.lib.errors import UserError
+from stages.lib.params import TokenizeParams
+from stages.lib.token_files import open_split, read_meta, token_dtype
+from stages.lib.records import parse_record
+from stages.tokenize import load_tokenizer, response_token_mask, split_documents, tokenize_records
 from stages.tokenizer import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,17 +60,6 @@ def sample_records(n=40):
     return records
 
 
-def write_rendered(folder, records, templates=("alpaca", "chatml")):
-    """Write records.jsonl and stats.json exactly as the render stage does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    stats = {"records_read": len(records), "records_written": len(records), "records_skipped": 0,
-             "characters": sum(len(s["text"]) for r in records for s in r["segments"]), "skipped": [],
-             "formats": {}, "templates": list(templates)}
-    (folder / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
-    return folder / "records.jsonl"
 
 
 def doc_text(record):

@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from stages.errors import UserError
-from stages.params import TokenizerParams
+from conftest import save_tokenizer, text_records
+from conftest import write_rendered as write_records
+
+from stages.lib.errors import UserError
+from stages.lib.params import TokenizerParams
 from stages.tokenizer import build_tokenizer
 
 BPE = TokenizerParams(tokenizer_type="bpe", vocab_size=400, min_frequency=2)
@@ -19,13 +22,7 @@ BPE = TokenizerParams(tokenizer_type="bpe", vocab_size=400, min_frequency=2)
 
 def write_rendered(folder, texts, templates):
     """records.jsonl (one plain text segment per document) and stats.json, as the render stage writes them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"source": "x", "kind": "text", "segments": [{"text": text, "response": True}]}) + "\n")
-    stats = {"records_read": len(texts), "records_written": len(texts), "records_skipped": 0,
-             "characters": sum(map(len, texts)), "skipped": [], "formats": {}, "templates": list(templates)}
-    (folder / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    write_records(folder, text_records(texts), templates)
     return folder
 
 
@@ -99,16 +96,7 @@ def test_bpe_needs_the_rendered_files(tmp_path):
 
 def tiny_hf_folder(folder: Path, eos: str | None = "</s>") -> Path:
     """A small BPE tokenizer saved the way HuggingFace folders are: tokenizer.json + tokenizer_config.json."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(arithmetic(), trainer)
-    folder.mkdir(parents=True)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast"} | ({"eos_token": eos} if eos else {})
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    save_tokenizer(folder, corpus=arithmetic(), specials=("</s>",), eos=eos)
     return folder
 
 

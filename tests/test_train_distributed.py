@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import checkpoint as ckpt
-from stages.distributed import processes_to_start
-from stages.errors import UserError
-from stages.model import new_model
-from stages.params import ModelParams, parse_params
-from stages.train import fit_global_batch
+from stages.lib import checkpoint as ckpt
+from stages.lib.launcher import processes_to_start
+from stages.lib.errors import UserError
+from stages.lib.model import new_model, tied_names
+from stages.lib.params import ModelParams, parse_params
+from stages.lib.decision import fit_global_batch
 from train_helpers import checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_env, write_params
 
 # Two processes of batch 4 against one process of batch 4 x grad_accum 2: the same global batch of 8.
@@ -179,18 +179,18 @@ def test_a_global_batch_other_processes_cannot_keep_is_an_error_naming_settings_
         fit_global_batch(6, batch_size=1, world_size=4)
 
 
-def test_a_gathered_checkpoint_writes_the_same_weights_file_as_one_process(tmp_path):
+def test_the_weights_file_stores_tied_tensors_once_as_safetensors_own_save_does(tmp_path):
+    from safetensors.torch import save_model
+    from test_checkpoint import save_checkpoint
     model = new_model(ModelParams(n_layer=1, hidden_size=16, n_head=2), 32, {}, seed=0)  # tied embeddings
     optimizer = torch.optim.AdamW(model.parameters())
     state = {"step": 1, "fingerprint": "abc", "fingerprint_values": {}}
-    one = ckpt.save_checkpoint(tmp_path / "one", tmp_path / "r1", model, optimizer, state)
-    tied = ckpt.tied_names(model)
-    assert tied == [["lm_head.weight", "model.embed_tokens.weight"]]
-    gathered = ckpt.save_gathered_checkpoint(tmp_path / "gathered", tmp_path / "r2", model.state_dict(), tied,
-                                             optimizer.state_dict(), state)
-    assert (one / "model.safetensors").read_bytes() == (gathered / "model.safetensors").read_bytes()
-    weights, _, _ = ckpt.read_checkpoint(ckpt.find_checkpoints([tmp_path / "gathered"])[0])
-    assert set(ckpt.retie(weights, tied)) == set(model.state_dict())
+    saved = save_checkpoint(tmp_path / "one", tmp_path / "r1", model, optimizer, state)
+    assert tied_names(model) == [["lm_head.weight", "model.embed_tokens.weight"]]
+    save_model(model, str(tmp_path / "safetensors.safetensors"))
+    assert (saved / "model.safetensors").read_bytes() == (tmp_path / "safetensors.safetensors").read_bytes()
+    weights = ckpt.read_weights(saved)
+    assert set(ckpt.retie(weights, tied_names(model))) == set(model.state_dict())
 
 
 def test_devices_on_a_machine_without_gpus(monkeypatch):

@@ -4,10 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.batches import IGNORE_INDEX
-from stages.errors import UserError
-from stages.model import export_model, head_loss_sum, make_loss_fn, new_model, pretrained_model, set_special_ids
-from stages.params import ModelParams
+from stages.lib.batches import IGNORE_INDEX
+from stages.lib.errors import UserError
+from stages.lib.export import export_model
+from stages.lib.loss import head_loss_sum, make_loss_fn
+from stages.lib.model import new_model, pretrained_model, set_special_ids
+from stages.lib.params import ModelParams
+from conftest import save_tokenizer
 from train_helpers import VOCAB, make_tokenizer, tree_bytes
 
 SPECIAL = {"bos_token_id": None, "eos_token_id": 0, "pad_token_id": 1}
@@ -109,14 +112,8 @@ def test_fine_tuning_grows_a_smaller_vocabulary_and_rejects_a_too_long_context(t
 
 
 def test_a_chat_models_export_stops_generating_at_the_end_of_a_turn(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "<pad>": 1, "<|im_end|>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
-                            additional_special_tokens=["<|im_end|>"]).save_pretrained(tmp_path / "tokenizer")
+    save_tokenizer(tmp_path / "tokenizer", specials=("<eos>", "<pad>", "<|im_end|>"), eos="<eos>", pad="<pad>",
+                   vocab_size=VOCAB)
     model = tiny_model()
     set_special_ids(model, SPECIAL)
     export_model(model, tmp_path / "tokenizer", tmp_path / "chat")

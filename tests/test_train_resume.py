@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from stages.errors import UserError
-from stages.train import SessionTimer, pick_device, pick_precision
+from stages.lib.errors import UserError
+from stages.lib.devices import pick_device
+from stages.lib.precision import pick_precision
+from stages.lib.session import SessionTimer
 from train_helpers import (checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_command, stage_env,
                            tree_bytes, write_params)
 
@@ -76,7 +78,7 @@ def test_sigterm_finishes_the_step_saves_and_the_next_session_resumes_there(tmp_
 HANG_WHILE_SAVING_STEP_8 = """
 import json, time
 from pathlib import Path
-import stages.checkpoint as checkpoint
+import stages.lib.checkpoint as checkpoint
 from stages.train import main
 
 def hang(tmp):
@@ -235,7 +237,7 @@ def test_fine_tuning_a_pretrained_folder_trains_and_exports_it(tmp_path):
 def test_precision_and_device_choices_on_a_cpu_only_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = pick_device("auto")
-    assert cpu.type == "cpu" and pick_precision("auto", cpu) == "fp32"
+    assert cpu.type == "cpu" and pick_precision("auto", cpu).name == "fp32"
     with pytest.raises(UserError, match=r"train\.precision = bf16 is not supported on cpu"):
         pick_precision("bf16", cpu)
     with pytest.raises(UserError, match=r"cuda. was asked for \(train\.device or --device\), but torch sees no CUDA GPU"):

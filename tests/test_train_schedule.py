@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stages.schedule import lr_at, session_end, time_for_another_step, total_steps
+from stages.lib.schedule import lr_at, session_end, time_for_another_step, total_steps
 
 
 def test_budget_is_the_step_budget_or_epochs_rounded_up_to_whole_steps():

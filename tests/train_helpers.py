@@ -1,7 +1,6 @@
 """A tiny, self-contained training workspace for the train-stage tests: token files, a tokenizer, params.yaml."""
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -11,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from stages.params import TrainParams, parse_params
+from conftest import save_tokenizer, write_token_files
+from stages.lib.params import TrainParams, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny models run fastest on one thread (two OpenMP threads stall badly on a busy machine), and sessions compared
@@ -33,39 +31,27 @@ TINY = {
 
 def make_tokenizer(folder: Path) -> None:
     """A word-level tokenizer over `<eos>`, `<pad>` and t2..t63, saved as a HuggingFace folder."""
-    vocab = {"<eos>": EOS_ID, "<pad>": PAD_ID, **{f"t{i}": i for i in range(2, VOCAB)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>").save_pretrained(folder)
+    save_tokenizer(folder, eos="<eos>", pad="<pad>", vocab_size=VOCAB)
 
 
 def make_tokens(folder: Path, train_tokens: int = 2000, val_tokens: int = 300, seed: int = 0) -> None:
-    """Token files per docs/formats.md: documents of a learnable pattern, a quarter of each one's targets masked."""
+    """Token files of documents of a learnable pattern, a quarter of each one's targets masked."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, n in (("train", train_tokens), ("val", val_tokens)):
-        ids, mask = _documents(rng, n)
-        (folder / f"{split}.bin").write_bytes(ids.astype("<u2").tobytes())
-        (folder / f"{split}.mask.bin").write_bytes(mask.tobytes())
-        splits[split] = {"documents": int((ids == EOS_ID).sum()), "tokens": len(ids), "loss_tokens": int(mask.sum()),
-                         "sha256": hashlib.sha256(ids.astype("<u2").tobytes()).hexdigest()}
-    tokenizer_json = folder.parent / "tokenizer" / "tokenizer.json"
-    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": VOCAB, "eos_id": EOS_ID,
-            "tokenizer_fingerprint": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest(),
-            "splits": splits, "bin": True, "jsonl": False}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    splits = {split: _documents(rng, n) for split, n in (("train", train_tokens), ("val", val_tokens))}
+    write_token_files(folder, splits, VOCAB, EOS_ID, folder.parent / "tokenizer" / "tokenizer.json")
 
 
-def _documents(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    ids, mask = [], []
-    while sum(map(len, ids)) < n:
+def _documents(rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Documents (ids with their EOS, mask) of `n` tokens in all, the last one cut short."""
+    docs, total = [], 0
+    while total < n:
         length = int(rng.integers(8, 40))
         start, stride = int(rng.integers(2, VOCAB)), int(rng.integers(1, 4))
         doc = (start + stride * np.arange(length) - 2) % (VOCAB - 2) + 2
-        ids.append(np.append(doc, EOS_ID))
-        mask.append(np.append(rng.random(length) > 0.25, True).astype(np.uint8))
-    return np.concatenate(ids)[:n], np.concatenate(mask)[:n]
+        keep = min(length + 1, n - total)
+        docs.append((np.append(doc, EOS_ID)[:keep], np.append(rng.random(length) > 0.25, True)[:keep]))
+        total += keep
+    return docs
 
 
 def make_workspace(root: Path, **train_overrides) -> Path:

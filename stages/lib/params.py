@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from stages.errors import UserError
+from stages.lib.errors import UserError
 
 PARAMS_FILE = "params.yaml"
 

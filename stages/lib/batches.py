@@ -13,9 +13,13 @@ multi-process run read disjoint slices of the same global batch.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from stages.lib.errors import UserError
+from stages.lib.token_files import open_split
 
 IGNORE_INDEX = -100  # the label that the loss skips (the HuggingFace convention)
 
@@ -35,6 +39,18 @@ class TokenWindows:
         counts = self.mask[index[:, 1:]] != 0
         labels = np.where(counts, tokens[:, 1:], IGNORE_INDEX)
         return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(labels)
+
+
+def split_windows(tokens_dir: Path, split: str, seq_len: int, required: bool) -> TokenWindows | None:
+    """The windows of one split of the token files; None (or, when `required`, an error) when there is none."""
+    ids, mask = open_split(tokens_dir, split)
+    windows = TokenWindows(ids, mask, seq_len)
+    if windows.count == 0:
+        if required:
+            raise UserError(f"{tokens_dir}/{split}: {len(ids)} tokens are too few for one window of train.seq_len "
+                            f"+ 1 = {seq_len + 1} tokens; lower train.seq_len or add training data")
+        return None
+    return windows
 
 
 class WindowOrder:

@@ -1,21 +1,17 @@
 """Token files (docs/formats.md, "Token files"): writing them as a stream, reading them back for training.
 
 The tokenize stage writes through `SplitWriter`; the train and evaluate stages read through `read_meta` and
-`open_split`. Output folders are built under a temporary name and swapped in whole by `partial_folder`, so a
-crashed run never leaves a half-written folder that looks finished.
+`open_split`.
 """
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from stages.errors import UserError
+from stages.lib.errors import UserError
+from stages.lib.files import write_atomically
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -92,6 +88,18 @@ class SplitWriter:
                 "sha256": self._sha.hexdigest(), "mask_sha256": self._mask_sha.hexdigest()}
 
 
+def new_meta(vocab_size: int, eos_id: int, tokenizer_fingerprint: str, save_bin: bool, save_jsonl: bool) -> dict:
+    """meta.json's contents before any split is written (`write_meta` adds them from each SplitWriter)."""
+    return {"format_version": FORMAT_VERSION, "dtype": token_dtype(vocab_size), "vocab_size": vocab_size,
+            "eos_id": eos_id, "tokenizer_fingerprint": tokenizer_fingerprint, "splits": {}, "bin": save_bin,
+            "jsonl": save_jsonl}
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    """Write meta.json (last, once every split is written)."""
+    write_atomically(Path(folder) / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+
 def read_meta(tokens_dir: str | Path) -> dict:
     """Read and check `meta.json` of a token folder."""
     path = Path(tokens_dir) / "meta.json"
@@ -135,23 +143,3 @@ def _read_jsonl_split(path: Path, dtype: np.dtype, tokens: int) -> tuple[np.ndar
     if at != tokens:
         raise UserError(f"{path} holds {at} tokens but meta.json says {tokens}; rerun the tokenize stage")
     return ids, mask
-
-
-@contextlib.contextmanager
-def partial_folder(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `final`; on success it replaces `final` whole, on error it goes."""
-    final = Path(final)
-    partial = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left over by a run that crashed
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)

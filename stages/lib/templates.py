@@ -35,7 +35,7 @@ this does not hold (it rewrites earlier turns depending on what follows) is refu
 
 from typing import Any
 
-from stages.errors import UserError
+from stages.lib.errors import UserError
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -12,13 +12,15 @@ import os
 import shutil
 from pathlib import Path
 
-from dvclive import Live
+from stages.lib.files import replaced_folder, write_atomically
 
 
-def open_live(live_dir: Path, resume_step: int | None) -> Live:
+def open_live(live_dir: Path, resume_step: int | None):
     """A DVCLive logger continuing after `resume_step`, or starting empty when it is None (a new run)."""
     if resume_step is not None:
         truncate_logs(live_dir, resume_step)
+    from dvclive import Live  # slow to import: only when a session logs
+
     # dvcyaml=None: never rewrite the repository's dvc.yaml; save_dvc_exp=False: never create experiments.
     return Live(dir=str(live_dir), resume=resume_step is not None, dvcyaml=None, save_dvc_exp=False)
 
@@ -32,27 +34,17 @@ def logged_step(live_dir: Path) -> int:
 
 
 def snapshot_logs(live_dir: Path, snapshot_dir: Path) -> None:
-    """Copy the logs to `snapshot_dir` (replacing it whole), beside the recovery copy of a checkpoint.
-
-    The logs are a cached DVC output so that they travel with `dvc push`/`pull`; `dvc exp run` therefore restores
-    them to the last recorded session, like the checkpoint. The snapshot lets a session that resumes from the
-    recovery copy get back the rows that went with it.
-    """
-    if not Path(live_dir).is_dir():
-        return
-    tmp = Path(snapshot_dir).with_name(f".tmp-{Path(snapshot_dir).name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(live_dir, tmp)
-    shutil.rmtree(snapshot_dir, ignore_errors=True)
-    os.replace(tmp, snapshot_dir)
+    """Copy the logs (when there are any) into `snapshot_dir`, a folder that does not exist yet."""
+    if Path(live_dir).is_dir():
+        shutil.copytree(live_dir, snapshot_dir)
 
 
 def restore_logs(snapshot_dir: Path, live_dir: Path) -> bool:
     """Put the snapshot's logs back when they are newer than those in `live_dir`; True when it did."""
     if logged_step(snapshot_dir) <= logged_step(live_dir):
         return False
-    shutil.rmtree(live_dir, ignore_errors=True)  # new files, never written in place (the DVC cache may link them)
-    shutil.copytree(snapshot_dir, live_dir)
+    with replaced_folder(live_dir) as folder:  # new files, never written in place (the DVC cache may link them)
+        shutil.copytree(snapshot_dir, folder, dirs_exist_ok=True)
     return True
 
 
@@ -68,13 +60,13 @@ def truncate_logs(live_dir: Path, last_step: int) -> None:
         header, rows = _read_tsv(path)
         kept = [row for row in rows if int(row[header.index("step")]) <= last_step]
         if len(kept) < len(rows):
-            _write_atomically(path, _tsv_text(header, kept))
+            write_atomically(path, _tsv_text(header, kept))
         if kept:
             name = path.relative_to(_metrics_root(live_dir)).with_suffix("").parts
             _set_nested(summary, name, _number(kept[-1][-1]))
     if summary or (Path(live_dir) / "metrics.json").exists():
         summary["step"] = last_step
-        _write_atomically(Path(live_dir) / "metrics.json", json.dumps(summary, indent=4) + "\n")
+        write_atomically(Path(live_dir) / "metrics.json", json.dumps(summary, indent=4) + "\n")
 
 
 def _metrics_root(live_dir: Path) -> Path:
@@ -93,13 +85,6 @@ def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def _tsv_text(header: list[str], rows: list[list[str]]) -> str:
     return "".join("\t".join(row) + os.linesep for row in [header, *rows])
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Never rewrite a file in place: a new file renamed over the old one.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
 
 
 def _set_nested(summary: dict, keys: tuple[str, ...], value) -> None:

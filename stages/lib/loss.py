@@ -1,64 +1,20 @@
-"""The model: build a new small Llama or load a pretrained folder, the masked loss, and the HuggingFace export.
+"""The training loss: summed masked cross-entropy, computed from the last hidden states in chunks of rows.
 
-The loss is computed from the last hidden states in chunks of rows (`head_loss_sum`), so the full
-(tokens x vocabulary) logits and their gradient never exist at once: on a 16M-parameter model with the GPT-2
-vocabulary they would be 2 x 412 MB per step, and the vocabulary head is most of the compute.
+The full (tokens x vocabulary) logits and their gradient never exist at once: on a 16M-parameter model with the
+GPT-2 vocabulary they would be 2 x 412 MB per step, and the vocabulary head is most of the compute.
+`LossModule` puts the model and this loss into one module, which is what DDP wraps and FSDP shards.
 """
 
-import os
-import shutil
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedModel
 
-from stages.batches import IGNORE_INDEX
-from stages.errors import UserError
-from stages.params import ModelParams
-from stages.templates import stop_token_ids
+from stages.lib.batches import IGNORE_INDEX
+from stages.lib.model import has_plain_head
 
-# Model families whose logits are exactly `lm_head(last hidden state)` (no bias, scaling or soft-capping), so the
-# chunked loss computes the same thing as their own forward. Others fall back to the model's own logits.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "smollm3"}
 LOGITS_PER_CHUNK = 8 * 1024 * 1024  # about 32 MB of fp32 logits per chunk: big matmuls, small temporaries
-
-
-def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> PreTrainedModel:
-    """A freshly initialised Llama-style model of the size in `train.model`, identical for the same seed."""
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size or 4 * p.hidden_size,
-        num_hidden_layers=p.n_layer, num_attention_heads=p.n_head, num_key_value_heads=p.n_head,
-        max_position_embeddings=p.max_position_embeddings, tie_word_embeddings=p.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": p.rope_theta}, use_cache=False, **special_ids)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-
-
-def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> PreTrainedModel:
-    """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller."""
-    if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
-                        "folder (with config.json and model.safetensors)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and seq_len > positions:
-        raise UserError(f"train.seq_len = {seq_len} is above the {positions} positions the model in "
-                        f"{folder} supports; lower train.seq_len to at most {positions}")
-    if vocab_size > model.get_input_embeddings().num_embeddings:
-        torch.manual_seed(seed)  # new embedding rows are drawn at random: keep them the same on every start
-        model.resize_token_embeddings(vocab_size)
-    model.config.use_cache = False
-    return model
-
-
-def has_plain_head(model: PreTrainedModel) -> bool:
-    """Whether the logits are just a bias-free linear map of the last hidden state (so chunking is exact)."""
-    head = model.get_output_embeddings()
-    return (model.config.model_type in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear)
-            and head.bias is None)
 
 
 def make_loss_fn(model: PreTrainedModel, compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -97,15 +53,6 @@ class LossModule(torch.nn.Module):
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of the token losses of the batch (labels -100 skipped)."""
         return self.loss_sum(inputs, labels)
-
-
-def transformer_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
-    """The model's repeated blocks (decoder layers), the units FSDP shards and gathers one at a time.
-
-    HuggingFace names their classes in `_no_split_modules` (e.g. LlamaDecoderLayer).
-    """
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -181,48 +128,3 @@ def _head_loss_and_grads(hidden, weight, labels, chunk_rows, want_grads):
     if want_grads:
         grad_weight = grad_weight.to(weight.dtype)
     return loss, grad_hidden, grad_weight
-
-
-def export_model(model: PreTrainedModel, tokenizer_dir: Path, out_dir: Path) -> None:
-    """Write the model in HuggingFace layout with the tokenizer files; same weights give the same bytes.
-
-    Written to a temporary folder beside `out_dir`, then swapped in whole: the export is complete or absent.
-    """
-    out_dir = Path(out_dir)
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    for leftover in (partial, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    partial.mkdir(parents=True)
-    hf_logging.disable_progress_bar()
-    # The exported model is for generating: with the KV cache (training runs without it), and stopping at the end
-    # of an assistant turn as well as at EOS, so `pipeline("text-generation")` ends a chat answer where it should.
-    gen = model.generation_config
-    training_setting = model.config.use_cache, gen.use_cache, gen.eos_token_id
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model.config.use_cache = gen.use_cache = True
-    stops = stop_token_ids(tokenizer, model)
-    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
-    try:
-        model.save_pretrained(partial)
-    finally:
-        model.config.use_cache, gen.use_cache, gen.eos_token_id = training_setting
-    for f in sorted(Path(tokenizer_dir).iterdir()):
-        if f.is_file():
-            shutil.copyfile(f, partial / f.name)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(partial, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def set_special_ids(model: PreTrainedModel, special_ids: dict) -> None:
-    """Record the tokenizer's BOS/EOS/PAD ids in the config and the generation config (PAD falls back to EOS)."""
-    for key, value in special_ids.items():
-        setattr(model.config, key, value)
-    gen = model.generation_config
-    gen.bos_token_id = special_ids.get("bos_token_id")
-    gen.eos_token_id = special_ids.get("eos_token_id")
-    gen.pad_token_id = special_ids.get("pad_token_id")
-    if gen.pad_token_id is None:
-        gen.pad_token_id = gen.eos_token_id

@@ -1,0 +1,95 @@
+"""Model families: a new small Llama, or a pretrained HuggingFace folder, and the facts about a family that the rest
+of the code relies on (whether its logits are a plain linear head, its repeated blocks, its tied weights).
+
+Adding a model family means looking here first: a family whose head is plain linear joins PLAIN_HEAD_MODELS, and
+the chunked loss (stages/lib/loss.py) then computes exactly what the family's own forward would.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+from stages.lib.errors import UserError
+from stages.lib.params import ModelParams, TrainParams
+
+# Model families whose logits are exactly `lm_head(last hidden state)` (no bias, scaling or soft-capping), so the
+# chunked loss computes the same thing as their own forward. Others fall back to the model's own logits.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "smollm3"}
+
+
+def build_model(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTrainedModel:
+    """The run's model as it is before any training (same seed, same weights)."""
+    if train.init_from:
+        model = pretrained_model(train.init_from, vocab_size, train.seq_len, train.seed)
+    else:
+        model = new_model(train.model, vocab_size, special_ids, train.seed)
+    set_special_ids(model, special_ids)
+    return model
+
+
+def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> PreTrainedModel:
+    """A freshly initialised Llama-style model of the size in `train.model`, identical for the same seed."""
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size or 4 * p.hidden_size,
+        num_hidden_layers=p.n_layer, num_attention_heads=p.n_head, num_key_value_heads=p.n_head,
+        max_position_embeddings=p.max_position_embeddings, tie_word_embeddings=p.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": p.rope_theta}, use_cache=False, **special_ids)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> PreTrainedModel:
+    """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller."""
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
+                        "folder (with config.json and model.safetensors)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise UserError(f"train.seq_len = {seq_len} is above the {positions} positions the model in "
+                        f"{folder} supports; lower train.seq_len to at most {positions}")
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        torch.manual_seed(seed)  # new embedding rows are drawn at random: keep them the same on every start
+        model.resize_token_embeddings(vocab_size)
+    model.config.use_cache = False
+    return model
+
+
+def has_plain_head(model: PreTrainedModel) -> bool:
+    """Whether the logits are just a bias-free linear map of the last hidden state (so chunking is exact)."""
+    head = model.get_output_embeddings()
+    return (model.config.model_type in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear)
+            and head.bias is None)
+
+
+def transformer_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The model's repeated blocks (decoder layers), the units FSDP shards and gathers one at a time.
+
+    HuggingFace names their classes in `_no_split_modules` (e.g. LlamaDecoderLayer).
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def tied_names(model: torch.nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that are one tensor in `model` (tied embeddings), each group sorted."""
+    groups: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    in_state = set(model.state_dict())
+    for name, tensor in named:
+        if name in in_state:
+            groups.setdefault(id(tensor), []).append(name)
+    return [sorted(names) for names in groups.values() if len(names) > 1]
+
+
+def set_special_ids(model: PreTrainedModel, special_ids: dict) -> None:
+    """Record the tokenizer's BOS/EOS/PAD ids in the config and the generation config (PAD falls back to EOS)."""
+    for key, value in special_ids.items():
+        setattr(model.config, key, value)
+    gen = model.generation_config
+    gen.bos_token_id = special_ids.get("bos_token_id")
+    gen.eos_token_id = special_ids.get("eos_token_id")
+    gen.pad_token_id = special_ids.get("pad_token_id")
+    if gen.pad_token_id is None:
+        gen.pad_token_id = gen.eos_token_id
