@@ -24,22 +24,24 @@ complete checkpoint found in either place. To roll back deliberately to the chec
 `git checkout` + `dvc checkout` of an older commit), delete `.checkpoint-recovery/` first.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable
 
 from stages.lib import live_logs
 from stages.lib.files import fresh_folder, publish_folder
-from stages.lib.parallel import MODEL_PREFIX, ParallelModel
-from stages.lib.world import World
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding checkpoints stays fast
+    import torch
+
+    from stages.lib.parallel import ParallelModel
+    from stages.lib.world import World
 
 FORMAT_VERSION = 1
 RECOVERY_DIR = Path(".checkpoint-recovery")
@@ -95,6 +97,8 @@ def _capture_weights(t: Trainee) -> tuple[dict[str, torch.Tensor], dict | None] 
     if t.world.size == 1:
         return untie(t.parallel.model.state_dict(), t.parallel.tied)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from stages.lib.parallel import MODEL_PREFIX
     weights = get_model_state_dict(t.parallel.forward, options=StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
     if not t.world.is_main:
@@ -103,12 +107,14 @@ def _capture_weights(t: Trainee) -> tuple[dict[str, torch.Tensor], dict | None] 
 
 
 def _write_weights(captured: tuple[dict, dict | None], folder: Path) -> None:
+    from safetensors.torch import save_file
     kept, metadata = captured
     save_file(kept, str(folder / "model.safetensors"), metadata=metadata)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights on the CPU (tied names stored once, see `retie`)."""
+    from safetensors.torch import load_file
     return load_file(Path(folder) / "model.safetensors")
 
 
@@ -117,6 +123,8 @@ def _restore_weights(t: Trainee, weights: dict | None) -> None:
         t.parallel.model.load_state_dict(retie(weights, t.parallel.tied))
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from stages.lib.parallel import MODEL_PREFIX
     full = {MODEL_PREFIX + n: w for n, w in retie(weights, t.parallel.tied).items()} if t.world.is_main else {}
     set_model_state_dict(t.parallel.forward, full, options=StateDictOptions(full_state_dict=True,
                                                                             broadcast_from_rank0=True))
@@ -162,6 +170,8 @@ def _keyed_by_name(state: dict, names: list[str]) -> dict:
 
 def rng_state() -> dict:
     """Every random generator's state as JSON-ready lists."""
+    import numpy as np
+    import torch
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
@@ -171,6 +181,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Put back what `rng_state` returned."""
+    import numpy as np
+    import torch
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -178,6 +190,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _torch():
+    import torch
+    return torch
 
 
 def _read_json(path: Path) -> Any:
@@ -196,8 +213,8 @@ def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
 
 PARTS = (
     Part("weights", _capture_weights, _write_weights, read_weights, _restore_weights),
-    Part("optimizer", _capture_optimizer, lambda data, folder: torch.save(data, folder / "optimizer.pt"),
-         lambda folder: torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
+    Part("optimizer", _capture_optimizer, lambda data, folder: _torch().save(data, folder / "optimizer.pt"),
+         lambda folder: _torch().load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
          _restore_optimizer),
     Part("rng", lambda t: rng_state() if t.world.is_main else None,
          lambda data, folder: _write_json(data, folder / "rng.json", indent=None),
