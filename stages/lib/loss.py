@@ -68,7 +68,9 @@ def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     if len(rows) < len(labels):
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     if len(rows) == 0:
-        return hidden.sum() * 0.0  # no target counts: a zero loss that still joins the graph
+        # No target counts: a zero loss that still reaches every parameter (the head too), so each gets a zero
+        # gradient; DDP waits for a gradient of every parameter on every process and would hang without one.
+        return (hidden.sum() + weight.sum()) * 0.0
     chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _HeadLoss.apply(hidden, weight, labels, chunk_rows)
