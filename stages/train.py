@@ -19,7 +19,7 @@ The story of a session, and where each part lives:
 4. run the loop (stages/lib/session.py), then export (stages/lib/export.py).
 """
 
-import hashlib
+import contextlib
 import random
 import sys
 import time
@@ -30,11 +30,13 @@ import numpy as np
 import torch
 
 from stages.lib import checkpoint as ckpt
+from stages.lib import checkpoint_store as store
 from stages.lib.batches import TrainBatches, split_windows
 from stages.lib.decision import Decision, Inputs, decide
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError, run_stage
 from stages.lib.export import export_model
+from stages.lib.hashing import model_digest
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.live_logs import has_logs
 from stages.lib.model import build_model, tied_names
@@ -72,14 +74,22 @@ def _session_in_this_process(params) -> int:
 
 
 def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
-                models_dir: Path = MODELS_DIR, recovery_dir: Path = ckpt.RECOVERY_DIR,
+                models_dir: Path = MODELS_DIR, recovery_dir: Path = store.RECOVERY_DIR,
                 trust_remote_code: bool = False, world: World | None = None) -> SessionResult:
     """One session: resume or start, train within today's limits, save, log and export.
 
-    `world`: this process's place in a multi-process session (default: one process on `train.device`).
+    `world`: this process's place in a multi-process session (default: one process on `train.device`). Rank 0
+    holds the workspace's checkpoint lock for the whole session: one writer at a time.
     """
     started = time.monotonic()
     world = world or World(device=pick_device(train.device))
+    with store.session_lock(recovery_dir) if world.is_main else contextlib.nullcontext():
+        return _locked_session(train, tokens_dir, tokenizer_dir, models_dir, recovery_dir, trust_remote_code, world,
+                               started)
+
+
+def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, models_dir: Path, recovery_dir: Path,
+                    trust_remote_code: bool, world: World, started: float) -> SessionResult:
     live_dir = Path(train.out_dir) / "live"
     train_windows = split_windows(tokens_dir, "train", train.seq_len, required=True)
     meta = read_meta(tokens_dir)
@@ -91,7 +101,7 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
     export_dir = Path(models_dir) / train.model_name
     if start >= total:
         if world.is_main:
-            return _budget_spent(train, decision, tokenizer_dir, export_dir)
+            return _budget_spent(train, decision, tokenizer_dir, export_dir, trust_remote_code)
         return SessionResult(start, start, stopped_by="nothing-to-do")
 
     trainee = build_trainee(train, decision, world, live_dir)
@@ -105,8 +115,9 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
               f"{world.describe(train.strategy)} ({precision.name}), {parameters:,} parameters")
     result = session.run(start, end)
     if result.trained and world.is_main:
-        export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir)
+        export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir, trust_remote_code)
         print(f"exported the model at step {result.end_step} to {export_dir}/")
+        store.note_recorded(recovery_dir, session.last_state)
     return result
 
 
@@ -115,14 +126,14 @@ def decide_on_main(train: TrainParams, meta: dict, windows_per_epoch: int, token
     """Rank 0's decision: read what it is made from, decide, say it, and bring a recovery copy back into place."""
     vocab_size, special_ids = _tokenizer_facts(tokenizer_dir, trust_remote_code, meta)
     checkpoint_dir = Path(train.checkpoint_dir)
-    inputs = Inputs(meta, windows_per_epoch, vocab_size, special_ids, _base_model_identity(train.init_from),
-                    ckpt.find_checkpoints([checkpoint_dir, recovery_dir]), checkpoint_dir,
-                    has_logs(Path(train.out_dir) / "live"))
+    base_model = model_digest(train.init_from) if train.init_from else None
+    inputs = Inputs(meta, windows_per_epoch, vocab_size, special_ids, base_model,
+                    store.find(checkpoint_dir, recovery_dir), checkpoint_dir, has_logs(Path(train.out_dir) / "live"))
     decision = decide(train, inputs, world_size)
     for message in decision.messages:
         print(message)
     if decision.from_recovery:  # put it back where DVC will record it
-        return replace(decision, resume=ckpt.bring_back(decision.resume, checkpoint_dir))
+        return replace(decision, resume=store.bring_back(decision.resume, checkpoint_dir))
     return decision
 
 
@@ -136,14 +147,6 @@ def _tokenizer_facts(tokenizer_dir: Path, trust_remote_code: bool, meta: dict) -
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
     return max(len(tokenizer), meta["vocab_size"]), special
-
-
-def _base_model_identity(init_from: str) -> dict | None:
-    """What identifies the pretrained model in `train.init_from` for the run's fingerprint."""
-    if not init_from:
-        return None
-    config = Path(init_from) / "config.json"
-    return {"init_from_config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None}
 
 
 def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir: Path) -> ckpt.Trainee:
@@ -184,14 +187,15 @@ def _model_with_weights(train: TrainParams, decision: Decision, weights: dict):
     return model
 
 
-def _budget_spent(train: TrainParams, decision: Decision, tokenizer_dir: Path, export_dir: Path) -> SessionResult:
+def _budget_spent(train: TrainParams, decision: Decision, tokenizer_dir: Path, export_dir: Path,
+                  trust_remote_code: bool) -> SessionResult:
     step = decision.start_step
     print(f"the run's budget of {decision.plan.total_steps} steps is spent (checkpoint at step {step}): nothing "
           "to train. To train further, raise train.total_step_budget (or epochs), which starts a new run.")
     if not (export_dir / "config.json").exists():
         # DVC deletes a non-persistent output before running the stage: rebuild it, same bytes as before.
-        export_model(_model_with_weights(train, decision, ckpt.read_weights(decision.resume.path)), tokenizer_dir,
-                     export_dir)
+        weights = ckpt.read_weights(decision.resume.path)
+        export_model(_model_with_weights(train, decision, weights), tokenizer_dir, export_dir, trust_remote_code)
         print(f"re-exported the model at step {step} to {export_dir}/")
     return SessionResult(step, step, stopped_by="nothing-to-do")
 

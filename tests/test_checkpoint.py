@@ -1,7 +1,11 @@
-"""Checkpoints: everything restored, complete or absent, only the latest kept, mirrored for recovery."""
+"""Checkpoints: everything restored, complete or absent, only the latest kept, mirrored for recovery, nothing
+unreadable ever skipped or deleted, no pickle written."""
 
 import json
+import pickle
+import pickletools
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,8 @@ import pytest
 import torch
 
 from stages.lib import checkpoint as ckpt
-from stages.lib.checkpoint import find_checkpoints
+from stages.lib import checkpoint_store as store
+from stages.lib.checkpoint import Unreadable
 from stages.lib.model import tied_names
 from stages.lib.parallel import ParallelModel
 from stages.lib.world import World
@@ -35,13 +40,25 @@ def trainee(model, optimizer, live_dir=None):
 
 
 def save_checkpoint(checkpoint_dir, recovery_dir, model, optimizer, state):
-    ckpt.save(checkpoint_dir, recovery_dir, trainee(model, optimizer), state)
-    return checkpoint_dir / ckpt.folder_name(state["step"])
+    store.save(checkpoint_dir, recovery_dir, trainee(model, optimizer), state)
+    return checkpoint_dir / store.folder_name(state["step"])
 
 
-def save(tmp_path, model, optimizer, step):
+def save(tmp_path, model, optimizer, step, fingerprint="abc"):
     return save_checkpoint(tmp_path / "checkpoints", tmp_path / "recovery", model, optimizer,
-                           {"step": step, "fingerprint": "abc", "fingerprint_values": {}})
+                           {"step": step, "fingerprint": fingerprint, "fingerprint_values": {}})
+
+
+def found(tmp_path, checkpoint_dir="checkpoints"):
+    return store.find(tmp_path / checkpoint_dir, tmp_path / "recovery").checkpoints
+
+
+def assert_same_optimizer_state(saved, loaded):
+    assert saved["param_groups"] == loaded["param_groups"]
+    assert saved["state"].keys() == loaded["state"].keys()
+    for key, state in saved["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, loaded["state"][key][name]), name
 
 
 def test_load_restores_weights_optimizer_state_and_every_random_generator(tmp_path):
@@ -50,16 +67,12 @@ def test_load_restores_weights_optimizer_state_and_every_random_generator(tmp_pa
     expected_draws = draws()
     fresh_model, fresh_optimizer = model_and_optimizer(seed=1)
     draws(), draws()  # move the generators on
-    [found] = find_checkpoints([tmp_path / "checkpoints"])
-    ckpt.restore(found, trainee(fresh_model, fresh_optimizer))
+    [checkpoint] = found(tmp_path)
+    ckpt.restore(checkpoint, trainee(fresh_model, fresh_optimizer))
     assert draws() == expected_draws
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         assert torch.equal(a, b)
-    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
-    assert saved["param_groups"] == loaded["param_groups"]
-    for key, state in saved["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, loaded["state"][key][name]), name
+    assert_same_optimizer_state(optimizer.state_dict(), fresh_optimizer.state_dict())
 
 
 def test_only_the_latest_checkpoint_stays_and_the_recovery_copy_shares_its_files(tmp_path):
@@ -80,25 +93,23 @@ def test_a_crash_before_the_rename_leaves_the_previous_checkpoint_whole(tmp_path
 
     def crash(tmp):
         raise KeyboardInterrupt("killed while saving")
-    monkeypatch.setattr(ckpt, "_before_publish", crash)
+    monkeypatch.setattr(store, "_before_publish", crash)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, model, optimizer, step=4)
-    assert [c.step for c in find_checkpoints([tmp_path / "checkpoints", tmp_path / "recovery"])] == [2]
+    assert [c.step for c in found(tmp_path)] == [2]
     assert (tmp_path / "checkpoints" / ".tmp-step-00000004" / "state.json").exists()  # written, never published
     monkeypatch.undo()
     save(tmp_path, model, optimizer, step=6)  # the next save clears the leftover
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000006"]
 
 
-def test_find_takes_the_newest_complete_checkpoint_from_either_place(tmp_path):
+def test_find_takes_the_newest_checkpoint_from_either_place_and_one_copy_of_each(tmp_path):
     model, optimizer = model_and_optimizer(seed=0)
     save(tmp_path, model, optimizer, step=2)
-    (tmp_path / "recovery" / "step-00000009").mkdir()  # incomplete: no state.json
-    older = tmp_path / "elsewhere"
-    save_checkpoint(older, tmp_path / "recovery2", model, optimizer,
-                    {"step": 1, "fingerprint": "abc", "fingerprint_values": {}})
-    found = find_checkpoints([tmp_path / "checkpoints", tmp_path / "recovery", older])
-    assert [(c.step, c.path.parent.name) for c in found] == [(2, "checkpoints"), (1, "elsewhere")]
+    save_checkpoint(tmp_path / "elsewhere", tmp_path / "recovery", model, optimizer,
+                    {"step": 3, "fingerprint": "abc", "fingerprint_values": {}})  # the recovery copy moves on
+    assert [(c.step, c.path.parent.name) for c in found(tmp_path)] == [(3, "recovery"), (2, "checkpoints")]
+    assert [(c.step, c.path.parent.name) for c in found(tmp_path, "elsewhere")] == [(3, "elsewhere")]
 
 
 def test_the_same_step_of_another_run_does_not_hide_this_runs_copy(tmp_path):
@@ -108,17 +119,91 @@ def test_the_same_step_of_another_run_does_not_hide_this_runs_copy(tmp_path):
                     {"step": 2, "fingerprint": "committed-run", "fingerprint_values": {}})
     save_checkpoint(tmp_path / "elsewhere", tmp_path / "recovery", model, optimizer,
                     {"step": 2, "fingerprint": "new-run", "fingerprint_values": {}})
-    found = find_checkpoints([tmp_path / "checkpoints", tmp_path / "recovery"])
-    assert [(c.step, c.state["fingerprint"], c.path.parent.name) for c in found] == [
+    assert [(c.step, c.state["fingerprint"], c.path.parent.name) for c in found(tmp_path)] == [
         (2, "committed-run", "checkpoints"), (2, "new-run", "recovery")]
 
 
 def test_saving_over_another_runs_checkpoint_of_the_same_step_replaces_it_in_both_places(tmp_path):
     model, optimizer = model_and_optimizer(seed=0)
-    save_checkpoint(tmp_path / "checkpoints", tmp_path / "recovery", model, optimizer,
-                    {"step": 2, "fingerprint": "committed-run", "fingerprint_values": {}})
-    save_checkpoint(tmp_path / "checkpoints", tmp_path / "recovery", model, optimizer,
-                    {"step": 2, "fingerprint": "new-run", "fingerprint_values": {}})
+    save(tmp_path, model, optimizer, step=2, fingerprint="committed-run")
+    save(tmp_path, model, optimizer, step=2, fingerprint="new-run")
     for folder in ("checkpoints", "recovery"):
-        [found] = find_checkpoints([tmp_path / folder])
-        assert found.state["fingerprint"] == "new-run", folder
+        [checkpoint] = store.find(tmp_path / folder, tmp_path / "none").checkpoints
+        assert checkpoint.state["fingerprint"] == "new-run", folder
+
+
+def break_state(folder: Path, change) -> None:
+    """Rewrite a checkpoint's state.json as a new file (its old one may be hardlinked to the recovery copy)."""
+    path = folder / "state.json"
+    state = json.loads(path.read_text())
+    text = change(state)
+    path.unlink()
+    path.write_text(text if isinstance(text, str) else json.dumps(state))
+
+
+DAMAGE = {
+    "a newer format": (lambda s: s.update(format_version=99), r"format_version 99.*written by a newer version"),
+    "state.json that is not JSON": (lambda s: '{"step": 4, "fing', r"state\.json is damaged"),
+    "state.json without step": (lambda s: s.pop("step"), r"state\.json has no 'step'"),
+    "no optimizer file": (None, r"its optimizer file optimizer\.safetensors is missing"),
+    "a truncated weights file": (None, r"model\.safetensors is damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_checkpoint_that_cannot_be_read_stops_with_its_name_and_is_never_deleted(tmp_path, damage):
+    model, optimizer = model_and_optimizer(seed=0)
+    newest = save(tmp_path, model, optimizer, step=4)
+    change, message = DAMAGE[damage]
+    shutil.rmtree(tmp_path / "recovery")
+    if damage == "no optimizer file":
+        (newest / "optimizer.safetensors").unlink()
+    elif damage == "a truncated weights file":
+        (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:40])
+    else:
+        break_state(newest, change)
+    with pytest.raises(Unreadable, match=rf"checkpoints/step-00000004: .*{message}.*left as it is"):
+        checkpoint = found(tmp_path)  # finding it fails, unless only reading its tensors can tell
+        ckpt.restore(checkpoint[0], trainee(*model_and_optimizer(seed=1)))
+    with pytest.raises(Unreadable):
+        save(tmp_path, model, optimizer, step=8)  # pruning it would lose it: the save stops instead
+    assert newest.is_dir()
+
+
+def test_a_format_1_checkpoint_is_converted_once_and_nothing_written_is_a_pickle(tmp_path):
+    model, optimizer = model_and_optimizer(seed=0)
+    folder = save(tmp_path, model, optimizer, step=2)
+    # Format 1 as an earlier version wrote it: the optimizer state pickled by torch.save.
+    for f in ("optimizer.safetensors", "optimizer.json"):
+        (folder / f).unlink()
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    break_state(folder, lambda s: s.update(format_version=1))
+    fresh_model, fresh_optimizer = model_and_optimizer(seed=1)
+    [checkpoint] = found(tmp_path)
+    ckpt.restore(checkpoint, trainee(fresh_model, fresh_optimizer))
+    assert_same_optimizer_state(optimizer.state_dict(), fresh_optimizer.state_dict())
+    save(tmp_path, fresh_model, fresh_optimizer, step=3)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000003"]  # the old one superseded
+    assert pickles(tmp_path) == []
+
+
+def pickles(root: Path) -> list[str]:
+    """Files under `root` that hold a pickle: one whole pickle stream, or torch.save's zip with a data.pkl."""
+    return [str(f.relative_to(root)) for f in sorted(root.rglob("*")) if f.is_file() and is_pickle(f.read_bytes())]
+
+
+def is_pickle(data: bytes) -> bool:
+    if data[:2] == b"PK":
+        return b"data.pkl" in data
+    try:
+        return data[:1] == b"\x80" and [op.name for op, _, _ in pickletools.genops(data)][-1] == "STOP"
+    except Exception:  # not a pickle stream
+        return False
+
+
+def test_the_pickle_check_tells_pickles_from_safetensors(tmp_path):
+    model, optimizer = model_and_optimizer(seed=0)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"a": 1}))
+    folder = save(tmp_path, model, optimizer, step=1)
+    assert pickles(tmp_path) == ["optimizer.pt", "raw.pkl"] and (folder / "model.safetensors").exists()

@@ -6,9 +6,12 @@ user's days do. Tiny params keep the whole file to a few minutes on 2 cores.
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,3 +172,43 @@ def test_exported_model_answers_through_a_transformers_pipeline(repo):
     generate = pipeline("text-generation", model=str(repo / "models/sample-arith"), device="cpu")
     result = generate("What is 2 + 3?", max_new_tokens=5, do_sample=False)
     assert result[0]["generated_text"].startswith("What is 2 + 3?")
+
+
+KILL_RUN = {"total_step_budget": 150, "steps_today": 0, "save_every": 15, "eval_every": 50, "resume": "auto"}
+
+
+def uninterrupted_weights(repo: Path, seed: int) -> bytes:
+    """The run's final weights from one session started outside DVC, in folders of its own."""
+    set_params(repo, {"train": {**KILL_RUN, "seed": seed, "checkpoint_dir": "reference", "out_dir": "reference-out"}})
+    run(repo, sys.executable, "-m", "stages.train")
+    weights = (repo / "reference/step-00000150/model.safetensors").read_bytes()
+    for folder in ("reference", "reference-out", ".checkpoint-recovery"):
+        shutil.rmtree(repo / folder)
+    set_params(repo, {"train": {"checkpoint_dir": "checkpoints", "out_dir": "outputs"}})
+    return weights
+
+
+def killed(repo: Path, command: list[str], rng) -> None:
+    """Start `command`, SIGKILL it and its stage process at a random moment after its session first saved."""
+    env = {**os.environ, "DVC_STUDIO_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONPATH": "",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    saved = {p.name for p in (repo / ".checkpoint-recovery").glob("step-*")}
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while ({p.name for p in (repo / ".checkpoint-recovery").glob("step-*")} <= saved and process.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.3))
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL, "the session ended before the kill"
+
+
+def test_sigkill_under_dvc_repro_and_dvc_exp_run_then_again_ends_with_the_uninterrupted_weights(repo):
+    expected = uninterrupted_weights(repo, seed=31)
+    rng = random.Random(31)
+    killed(repo, ["dvc", "repro"], rng)
+    killed(repo, ["dvc", "exp", "run"], rng)  # which first restores the older checkpoint dvc.lock records
+    run(repo, "dvc", "exp", "run")
+    assert checkpoint_step(repo) == 150
+    assert (repo / "checkpoints/step-00000150/model.safetensors").read_bytes() == expected

@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from stages.lib import checkpoint as ckpt
+from stages.lib import checkpoint_store as store
 from stages.lib.launcher import processes_to_start
 from stages.lib.errors import UserError
 from stages.lib.model import new_model, tied_names
 from stages.lib.params import ModelParams, parse_params
 from stages.lib.decision import fit_global_batch
-from train_helpers import checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_env, write_params
+from train_helpers import TINY, checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_env, write_params
 
 # Two processes of batch 4 against one process of batch 4 x grad_accum 2: the same global batch of 8.
 RUN = {"total_step_budget": 8, "batch_size": 4}
@@ -37,9 +38,9 @@ def reference(tmp_path_factory):
     for step in (4, 8):
         root = make_workspace(tmp_path_factory.mktemp(f"reference-{step}"))
         session(root, steps_today=step, **ONE_PROCESS)
-        folder = root / "checkpoints" / ckpt.folder_name(step)
+        folder = root / "checkpoints" / store.folder_name(step)
         saved[step] = {"weights": load_file(folder / "model.safetensors"),
-                       "optimizer": torch.load(folder / "optimizer.pt", weights_only=True)}
+                       "optimizer": ckpt.read_part(folder, "optimizer")}
     saved["losses"] = [float(v) for _, v in read_tsv(root, "train/loss")]
     saved["grad_norms"] = [float(v) for _, v in read_tsv(root, "grad_norm")]
     return saved
@@ -48,12 +49,12 @@ def reference(tmp_path_factory):
 def assert_same_training(root, reference, step):
     """The checkpoint at `step` holds the reference's weights and optimizer state, within float tolerance, in the
     one-process layout (same names, same integer optimizer keys and groups)."""
-    folder = root / "checkpoints" / ckpt.folder_name(step)
+    folder = root / "checkpoints" / store.folder_name(step)
     weights = load_file(folder / "model.safetensors")
     assert weights.keys() == reference[step]["weights"].keys()
     for name, value in weights.items():
         torch.testing.assert_close(value, reference[step]["weights"][name], rtol=1e-4, atol=1e-5, msg=name)
-    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer = ckpt.read_part(folder, "optimizer")
     expected = reference[step]["optimizer"]
     assert optimizer["param_groups"] == expected["param_groups"]
     assert optimizer["state"].keys() == expected["state"].keys()
@@ -64,7 +65,7 @@ def assert_same_training(root, reference, step):
 
 
 def state_of(root, step) -> dict:
-    return json.loads((root / "checkpoints" / ckpt.folder_name(step) / "state.json").read_text())
+    return json.loads((root / "checkpoints" / store.folder_name(step) / "state.json").read_text())
 
 
 def test_two_ddp_processes_train_as_one_process_does_and_their_checkpoint_resumes_in_one(reference, tmp_path,
@@ -158,6 +159,30 @@ def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint_and_its_e
     assert "ChildFailedError" not in stderr  # the workers ended cleanly, handing their exit code to the launcher
     stopped_at = checkpoint_step(root)
     assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, stopped_at + 1))
+
+
+MASKED_ON_RANK_1 = """
+import os
+import stages.lib.batches as batches
+from stages.train import main
+
+if os.environ["RANK"] == "1":  # every target of this rank's micro-batch of step 1 is a prompt token
+    original = batches.TrainBatches.micro_batch
+    batches.TrainBatches.micro_batch = lambda self, step, micro: (
+        lambda inputs, labels: (inputs, labels.fill_(-100) if step == 1 else labels))(*original(self, step, micro))
+main()
+"""
+
+
+def test_ddp_with_an_untied_head_trains_through_a_micro_batch_with_nothing_to_learn_on_one_process(tmp_path):
+    root = make_workspace(tmp_path)
+    write_params(root, **{**TWO_PROCESSES, "total_step_budget": 3, "model": {**TINY["model"], "tie_embeddings": False}})
+    (root / "masked.py").write_text(MASKED_ON_RANK_1)
+    done = subprocess.run([*TORCHRUN[:-2], "masked.py"], cwd=root, env=stage_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert checkpoint_step(root) == 3
+    assert all(float(v) > 0 for _, v in read_tsv(root, "train/loss"))
 
 
 def test_a_user_error_in_the_workers_is_printed_once_and_fails_the_launcher(tmp_path):

@@ -1,5 +1,7 @@
 """Sessions of the train stage: split, interrupted, killed or repeated, a run ends exactly where one session would."""
 
+import os
+import random
 import shutil
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from stages.lib.errors import UserError
 from stages.lib.devices import pick_device
+from stages.lib.hashing import model_digest
 from stages.lib.precision import pick_precision
 from stages.lib.session import SessionTimer
 from train_helpers import (checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_command, stage_env,
@@ -75,33 +78,57 @@ def test_sigterm_finishes_the_step_saves_and_the_next_session_resumes_there(tmp_
     assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, stopped_at + 3))
 
 
-HANG_WHILE_SAVING_STEP_8 = """
-import json, time
+def test_a_second_session_fails_at_once_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    root = make_workspace(tmp_path)
+    long_run = {"total_step_budget": 100_000, "save_every": 100_000, "eval_every": 100_000}
+    write_params(root, **long_run)
+    first = subprocess.Popen(stage_command(), cwd=root, env=stage_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not read_tsv(root, "train/loss") and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    with pytest.raises(UserError, match=rf"held by process {first.pid} on .*only one may run at a time"):
+        session(root, **long_run)
+    first.kill()  # a SIGKILL: the process cannot clean up, its name stays in the lock file
+    first.wait(timeout=30)
+    capsys.readouterr()
+    assert session(root, steps_today=1, **long_run).end_step == 1  # it never saved: a new run
+    assert f"took over .checkpoint-recovery.lock, left by process {first.pid}" in capsys.readouterr().out
+
+
+HANG_WHILE_SAVING = """
+import json, sys, time
 from pathlib import Path
-import stages.lib.checkpoint as checkpoint
+import stages.lib.checkpoint_store as store
 from stages.train import main
 
 def hang(tmp):
-    if json.loads((tmp / "state.json").read_text())["step"] == 8 and tmp.parent.name == "checkpoints":
+    if json.loads((tmp / "state.json").read_text())["step"] == STEP and tmp.parent.name == "checkpoints":
         Path("hanging-in-save").write_text(str(tmp))
         time.sleep(600)
 
-checkpoint._before_publish = hang
+store._before_publish = hang
 main()
 """
 
 
-def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_the_run_stays_exact(reference, tmp_path):
-    root = make_workspace(tmp_path)
-    write_params(root)
-    process = subprocess.Popen(stage_command(HANG_WHILE_SAVING_STEP_8), cwd=root, env=stage_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def killed_while_saving(root, step):
+    """Run a session that is SIGKILLed while it saves the checkpoint of `step` (before that one is published)."""
+    process = subprocess.Popen(stage_command(HANG_WHILE_SAVING.replace("STEP", str(step))), cwd=root,
+                               env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
     while not (root / "hanging-in-save").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert (root / "hanging-in-save").exists(), process.stderr.read() if process.poll() is not None else "timeout"
     process.kill()
     process.wait(timeout=30)
+    (root / "hanging-in-save").unlink()
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_the_run_stays_exact(reference, tmp_path):
+    root = make_workspace(tmp_path)
+    write_params(root)
+    killed_while_saving(root, 8)
     assert checkpoint_step(root) == 4
     assert (root / "checkpoints" / ".tmp-step-00000008").is_dir()  # the half-done save, never taken for a checkpoint
     assert read_tsv(root, "train/loss")[-1][0] == 8  # logged past the checkpoint before dying
@@ -112,30 +139,79 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_the_run_stays_ex
     assert [p.name for p in (root / "checkpoints").iterdir()] == ["step-00000012"]
 
 
-def test_a_newer_recovery_copy_beats_the_older_checkpoint_dvc_restores_and_deleting_it_rolls_back(reference,
-                                                                                                   tmp_path):
+SLOW_STEPS = """
+import time
+from stages.lib.session import Session
+from stages.train import main
+
+step = Session.step
+Session.step = lambda self, n: (time.sleep(0.1), step(self, n))[1]  # a kill then lands inside the session
+main()
+"""
+
+
+def test_sigkill_at_random_moments_then_the_same_command_again_ends_with_the_uninterrupted_weights(reference,
+                                                                                                  tmp_path):
+    root = make_workspace(tmp_path)
+    write_params(root, save_every=2)  # a session-only setting: the run is the reference's
+    rng = random.Random(7)
+    killed_while_saving(root, 4)  # once in the middle of a save
+    for _ in range(4):
+        process = subprocess.Popen(stage_command(SLOW_STEPS), cwd=root, env=stage_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        before = read_tsv(root, "train/loss")
+        deadline = time.monotonic() + 90
+        while read_tsv(root, "train/loss") == before and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the session is training: kill it a moment later
+        time.sleep(rng.uniform(0.0, 0.3))
+        process.kill()
+        assert process.wait(timeout=30) == -signal.SIGKILL, "the session ended before the kill: slow its steps"
+    done = run_stage(root, save_every=2)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(root, reference)
+
+
+def test_after_a_crash_the_recovery_copy_beats_the_older_checkpoint_dvc_restores(reference, tmp_path, capsys):
     root = make_workspace(tmp_path)
     session(root, steps_today=4)
     recorded, recorded_logs = tmp_path / "recorded-by-dvc", tmp_path / "logs-recorded-by-dvc"
     shutil.copytree(root / "checkpoints", recorded)
     shutil.copytree(root / "outputs" / "live", recorded_logs)
-    session(root, steps_today=4)
+    write_params(root)
+    killed_while_saving(root, 12)  # saved step 8, then killed: its session never ended, DVC never recorded it
     # `dvc exp run` checks out the checkpoint and the logs recorded in dvc.lock over the newer ones.
-    for restored, folder in ((recorded, root / "checkpoints"), (recorded_logs, root / "outputs" / "live")):
-        shutil.rmtree(folder)
-        shutil.copytree(restored, folder)
+    restore(recorded, recorded_logs, root)
+    capsys.readouterr()
     assert session(root, steps_today=0, minutes_today=1e-4).end_step == 8  # no time to train: only puts it back
+    assert "the recovery copy, newer than the step 4" in capsys.readouterr().out
     assert [p.name for p in (root / "checkpoints").iterdir()] == ["step-00000008"]
     assert session(root).start_step == 8
     assert_same_run(root, reference)
 
-    # A deliberate rollback: restore the old checkpoint and delete the recovery folder.
-    shutil.rmtree(root / "checkpoints")
-    shutil.rmtree(root / ".checkpoint-recovery")
-    shutil.copytree(recorded, root / "checkpoints")
+
+def test_a_checkpoint_restored_on_purpose_beats_the_newer_recovery_copy_of_a_recorded_session(tmp_path, capsys,
+                                                                                                monkeypatch):
+    monkeypatch.setenv("DVC_STAGE", "train")  # these sessions run under DVC, which records their checkpoints
+    root = make_workspace(tmp_path)
+    session(root, steps_today=4)
+    recorded, recorded_logs = tmp_path / "commit-1", tmp_path / "commit-1-logs"
+    shutil.copytree(root / "checkpoints", recorded)
+    shutil.copytree(root / "outputs" / "live", recorded_logs)
+    session(root, steps_today=4)
+    # `git checkout <commit 1> && dvc checkout`: the older checkpoint and logs, on purpose.
+    restore(recorded, recorded_logs, root)
+    capsys.readouterr()
     assert session(root, steps_today=1).start_step == 4
+    assert "restored on purpose: the newer step 8" in capsys.readouterr().out
     assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, 6))
     assert [step for step, _ in read_tsv(root, "val/loss")] == [4, 5]
+    assert [p.name for p in (root / ".checkpoint-recovery").glob("step-*")] == ["step-00000005"]
+
+
+def restore(checkpoints, logs, root):
+    for restored, folder in ((checkpoints, root / "checkpoints"), (logs, root / "outputs" / "live")):
+        shutil.rmtree(folder)
+        shutil.copytree(restored, folder)
 
 
 def test_a_session_after_the_budget_is_spent_changes_nothing(reference, tmp_path, capsys):
@@ -215,23 +291,59 @@ def test_no_time_for_one_step_trains_and_writes_nothing(tmp_path):
 
 def test_the_timer_reserves_the_slowest_recent_step_and_the_measured_closing_work():
     now = time.monotonic()
-    timer = SessionTimer(deadline=now + 10, reserve_guess=3.0, step_times=[1.0, 4.0, 1.0])
+    timer = SessionTimer(deadline=now + 10, guesses={"eval": 1.0, "save": 1.0, "export": 1.0},
+                         step_times=[1.0, 4.0, 1.0])
     assert timer.allows_step()  # 4 s step + 3 s guessed reserve fit in 10 s
     timer.measured = {"eval": 2.0, "save": 2.0, "export": 2.0}  # measured: 7.2 s with the 20% margin
     assert not timer.allows_step()
-    assert SessionTimer(deadline=float("inf"), reserve_guess=1e9).allows_step()
+    assert SessionTimer(deadline=float("inf"), guesses={"save": 1e9}).allows_step()
 
 
-def test_fine_tuning_a_pretrained_folder_trains_and_exports_it(tmp_path):
+def test_without_validation_the_timer_still_counts_the_measured_save():
+    timer = SessionTimer(deadline=time.monotonic() + 10, guesses={"save": 0.5, "export": 0.5}, step_times=[1.0])
+    assert timer.allows_step()
+    timer.measured = {"save": 8.0}  # a slow disk: the save alone takes 9.6 s with its margin, plus the export's guess
+    assert timer.reserve() == pytest.approx(8.0 * 1.2 + 0.5)
+    assert not timer.allows_step()
+
+
+def test_fine_tuning_a_pretrained_folder_trains_and_exports_it_and_its_weights_define_the_run(tmp_path, capsys):
     base = make_workspace(tmp_path / "base")
     session(base, total_step_budget=2)
     root = make_workspace(tmp_path / "tuned")
-    result = session(root, init_from=str(base / "models" / "tiny"), total_step_budget=3)
-    assert result.end_step == 3
-    state = json.loads((root / "checkpoints" / "step-00000003" / "state.json").read_text())
-    assert state["fingerprint_values"]["init_from"] == str(base / "models" / "tiny")
+    result = session(root, init_from=str(base / "models" / "tiny"), total_step_budget=3, steps_today=2)
+    assert result.end_step == 2
+    state = json.loads((root / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert "model.n_layer" not in state["fingerprint_values"]  # the folder's config, not train.model, defines it
+    assert str(base) not in json.dumps(state["fingerprint_values"])  # by content, not by path
     assert AutoModelForCausalLM.from_pretrained(root / "models" / "tiny").config.vocab_size == 64
+    # The same folder by a relative path is the same run.
+    relative = os.path.relpath(base / "models" / "tiny", root)
+    assert session(root, init_from=relative, total_step_budget=3, steps_today=1).start_step == 2
+    # Other weights in the same folder: a new run, named as such.
+    session(base, total_step_budget=3)
+    capsys.readouterr()
+    assert session(root, init_from=relative, total_step_budget=3, steps_today=1).start_step == 0
+    assert "the base model in train.init_from (its config or weight files) changed" in capsys.readouterr().out
+
+
+def test_a_model_folder_is_hashed_once_while_its_files_are_unchanged(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights" * 1000)
+    (folder / "README.md").write_text("not part of the model")
+    cache = tmp_path / "hashes.json"
+    digest = model_digest(folder, cache)
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 2  # config and weights; the README does not count
+    for entry in entries.values():
+        entry["sha256"] = "0" * 64  # what the cache says is believed while size and mtime are unchanged
+    cache.write_text(json.dumps(entries))
+    assert model_digest(folder, cache) != digest
+    for name in ("config.json", "model.safetensors"):  # rewritten: a new mtime, so hashed again
+        (folder / name).write_bytes((folder / name).read_bytes())
+    assert model_digest(folder, cache) == digest
 
 
 def test_precision_and_device_choices_on_a_cpu_only_machine(monkeypatch):

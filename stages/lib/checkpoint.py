@@ -1,41 +1,37 @@
-"""Resume checkpoints: the one module that knows their files. Complete or absent, the latest kept, with a recovery
-copy outside DVC's reach.
+"""The resume checkpoint's format: the one module that knows what a checkpoint folder holds.
 
-A checkpoint is a folder `step-00000600/` in `train.checkpoint_dir` made of named parts (PARTS below), each saved
-and loaded by its own functions:
+A checkpoint is a folder `step-00000600/` made of named parts (PARTS below), each saved and loaded by its own
+functions, and nothing in it is a pickle:
 - `weights`: `model.safetensors` (tensors shared in the model, such as tied embeddings, stored once);
-- `optimizer`: `optimizer.pt` (the optimizer state dict: plain tensors and numbers, read with `weights_only=True`);
+- `optimizer`: `optimizer.safetensors` (every state tensor, named `<parameter index>.<name>`) and
+  `optimizer.json` (the parameter groups and any state that is not a tensor);
 - `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
 - `logs`: `live/`, the DVCLive logs as of this step, so a session resuming from this checkpoint gets back the rows
   that went with it (`dvc exp run` restores the logs DVC recorded, which may be older);
 and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprint and the
 values behind it. The learning rate needs no saving: it is a function of the step. Adding a part is one entry in
-PARTS. Several processes write the same files: every process takes part in capturing a part (gathering FSDP shards
-to rank 0), rank 0 alone writes and reads, and restoring spreads rank 0's state to all, so any checkpoint resumes on
-any number of processes with either strategy.
+PARTS. Every process takes part in capturing a part (gathering FSDP shards to rank 0, stages/lib/full_state.py);
+rank 0 alone writes and reads; restoring spreads rank 0's state to all, so any checkpoint resumes on any number of
+processes with either strategy.
 
-It is written into `.tmp-step-...` in the same parent, fsynced, then renamed into place (stages/lib/files.py), so a
-crash leaves either the whole folder or none of it. Only then is the previous checkpoint removed.
-
-Recovery copy: `dvc exp run` first checks out the checkpoint recorded in dvc.lock, which would replace a newer
-one left by a session that crashed before DVC recorded it. So each checkpoint is also hardlinked into
-`.checkpoint-recovery/` at the repository root (git-ignored, not a DVC output), and a session resumes from the newest
-complete checkpoint found in either place. To roll back deliberately to the checkpoint DVC restored (after
-`git checkout` + `dvc checkout` of an older commit), delete `.checkpoint-recovery/` first.
+Format 1 kept the optimizer state in `optimizer.pt` (torch.save, a pickle). It is still read, once, with
+`torch.load(weights_only=True)` on a torch that has the fix for advisory GHSA-63cw-57p8-fm3p (2.10 or later), and
+the next save writes format 2. A checkpoint that cannot be read (a newer or unknown format, a damaged or missing
+file, a missing key) raises Unreadable, naming the folder, what is wrong and what to do; it is never skipped or
+deleted. Where checkpoints are kept, found and pruned is stages/lib/checkpoint_store.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from stages.lib import live_logs
-from stages.lib.files import fresh_folder, publish_folder
+from stages.lib import full_state, live_logs
+from stages.lib.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding checkpoints stays fast
     import torch
@@ -43,11 +39,21 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding che
     from stages.lib.parallel import ParallelModel
     from stages.lib.world import World
 
-FORMAT_VERSION = 1
-RECOVERY_DIR = Path(".checkpoint-recovery")
-PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STATE_FILE = "state.json"
+STATE_KEYS = ("step", "fingerprint", "fingerprint_values")  # what every state.json holds
+SAFE_TORCH_LOAD = (2, 10)  # torch.load(weights_only=True) is safe from this version (GHSA-63cw-57p8-fm3p)
+
+
+class Unreadable(UserError):
+    """A checkpoint folder that cannot be used as it is; the message names it and says what to do."""
+
+    def __init__(self, folder: Path, problem: str):
+        super().__init__(f"{folder}: {problem}. It is left as it is: move it out of the way (or delete it if you "
+                         "do not need it) to go on without it, or restore a good copy (`dvc checkout`, "
+                         "`dvc pull`)")
+        self.folder, self.problem = folder, problem
 
 
 @dataclass
@@ -77,33 +83,26 @@ class Trainee:
 class Part:
     """One named part of a checkpoint and how it travels.
 
+    files: what it writes into the folder (checked to exist before a checkpoint is used; optional parts: none).
     capture(trainee): called on every process (it may gather); returns what rank 0 writes (None elsewhere).
     write(data, folder): rank 0 writes the captured data into the checkpoint folder being built.
-    read(folder): rank 0 reads it back from a complete checkpoint (None when the part is absent).
+    read(folder, version): rank 0 reads it back from a complete checkpoint of that format version.
     restore(trainee, data): called on every process (it may spread rank 0's data); `data` is None off rank 0.
     """
 
     name: str
+    files: tuple[str, ...]
     capture: Callable[[Trainee], Any]
     write: Callable[[Any, Path], None]
-    read: Callable[[Path], Any]
+    read: Callable[[Path, int], Any]
     restore: Callable[[Trainee, Any], None]
 
 
 # ---- the parts ----------------------------------------------------------------------------------------------------
 
-def _capture_weights(t: Trainee) -> tuple[dict[str, torch.Tensor], dict | None] | None:
-    """On rank 0, the whole model's weights under its own names with each tied group stored once (see `untie`)."""
-    if t.world.size == 1:
-        return untie(t.parallel.model.state_dict(), t.parallel.tied)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from stages.lib.parallel import MODEL_PREFIX
-    weights = get_model_state_dict(t.parallel.forward, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True))
-    if not t.world.is_main:
-        return None
-    return untie({name.removeprefix(MODEL_PREFIX): w for name, w in weights.items()}, t.parallel.tied)
+def _capture_weights(t: Trainee) -> tuple[dict, dict | None] | None:
+    weights = full_state.gather_weights(t.parallel, t.world)
+    return untie(weights, t.parallel.tied) if t.world.is_main else None
 
 
 def _write_weights(captured: tuple[dict, dict | None], folder: Path) -> None:
@@ -112,60 +111,183 @@ def _write_weights(captured: tuple[dict, dict | None], folder: Path) -> None:
     save_file(kept, str(folder / "model.safetensors"), metadata=metadata)
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, version: int = FORMAT_VERSION) -> dict[str, torch.Tensor]:
     """A checkpoint's weights on the CPU (tied names stored once, see `retie`)."""
     from safetensors.torch import load_file
-    return load_file(Path(folder) / "model.safetensors")
+    return _reading(folder / "model.safetensors", load_file)
 
 
 def _restore_weights(t: Trainee, weights: dict | None) -> None:
-    if t.world.size == 1:
-        t.parallel.model.load_state_dict(retie(weights, t.parallel.tied))
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from stages.lib.parallel import MODEL_PREFIX
-    full = {MODEL_PREFIX + n: w for n, w in retie(weights, t.parallel.tied).items()} if t.world.is_main else {}
-    set_model_state_dict(t.parallel.forward, full, options=StateDictOptions(full_state_dict=True,
-                                                                            broadcast_from_rank0=True))
+    full_state.spread_weights(t.parallel, t.world, retie(weights, t.parallel.tied) if t.world.is_main else None)
 
 
-def _capture_optimizer(t: Trainee) -> dict | None:
-    """The optimizer state keyed by parameter index, as `optimizer.state_dict()` is on one process, on rank 0."""
-    if t.world.size == 1:
-        return t.optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    state = get_optimizer_state_dict(t.parallel.forward, t.optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _keyed_by_index(state, _parameter_names(t)) if t.world.is_main else None
+def _write_optimizer(state: dict, folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    tensors, values = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.contiguous()
+            else:
+                values[f"{index}.{name}"] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    _write_json({"param_groups": state["param_groups"], "values": values}, folder / "optimizer.json")
+
+
+def _read_optimizer(folder: Path, version: int) -> dict:
+    if version == 1:
+        return _read_pickled_optimizer(folder / "optimizer.pt")
+    from safetensors.torch import load_file
+    tensors = _reading(folder / "optimizer.safetensors", load_file)
+    layout = _reading(folder / "optimizer.json", _read_json)
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *layout["values"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    # JSON has no tuples: the betas of AdamW come back as lists, which its state dict holds as a tuple.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in layout["param_groups"]]
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def _read_pickled_optimizer(path: Path) -> dict:
+    """Format 1's optimizer.pt: the one pickle this project ever reads, once, to convert it."""
+    import torch
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < SAFE_TORCH_LOAD:
+        raise Unreadable(path.parent, f"its optimizer state is a pickle (format 1), which torch "
+                         f"{torch.__version__} cannot read safely; upgrade torch to 2.10 or later to convert it")
+    return _reading(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
 
 def _restore_optimizer(t: Trainee, state: dict | None) -> None:
-    if t.world.size == 1:
-        t.optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    by_name = _keyed_by_name(state, _parameter_names(t)) if t.world.is_main else {}
-    set_optimizer_state_dict(t.parallel.forward, t.optimizer, by_name,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    full_state.spread_optimizer(t.parallel, t.optimizer, t.world, state)
 
 
-def _parameter_names(t: Trainee) -> list[str]:
-    """The name (as torch.distributed.checkpoint calls it) of each optimizer parameter, in one-process index order."""
-    names = {id(p): name for name, p in t.parallel.module.named_parameters()}
-    return [names[id(p)] for group in t.optimizer.param_groups for p in group["params"]]
+def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
+    # The workspace logs behind this checkpoint (restored older by `dvc exp run`): take the snapshot's instead.
+    if t.world.is_main and snapshot is not None and live_logs.restore_logs(snapshot, t.live_dir):
+        print(f"restored the logs up to this checkpoint into {t.live_dir}")
 
 
-def _keyed_by_index(state: dict, names: list[str]) -> dict:
-    index = {name: i for i, name in enumerate(names)}
-    groups = [{**{k: tuple(v) if isinstance(v, list) else v for k, v in group.items()},  # betas come back as lists
-               "params": [index[name] for name in group["params"]]} for group in state["param_groups"]]
-    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+PARTS = (
+    Part("weights", ("model.safetensors",), _capture_weights, _write_weights, read_weights, _restore_weights),
+    Part("optimizer", ("optimizer.safetensors", "optimizer.json"),
+         lambda t: full_state.gather_optimizer(t.parallel, t.optimizer, t.world), _write_optimizer, _read_optimizer,
+         _restore_optimizer),
+    Part("rng", ("rng.json",), lambda t: rng_state() if t.world.is_main else None,
+         lambda data, folder: _write_json(data, folder / "rng.json", indent=None),
+         lambda folder, version: _reading(folder / "rng.json", _read_json),
+         lambda t, data: set_rng_state(t.world.share(data))),
+    Part("logs", (), lambda t: t.live_dir if t.world.is_main else None,
+         lambda live_dir, folder: live_logs.snapshot_logs(live_dir, folder / "live"),
+         lambda folder, version: folder / "live" if (folder / "live").is_dir() else None, _restore_logs),
+)
+FORMAT_1_FILES = {"optimizer": ("optimizer.pt",)}  # files a part had in format 1, where they differ
 
 
-def _keyed_by_name(state: dict, names: list[str]) -> dict:
-    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]
-    return {"state": {names[i]: value for i, value in state["state"].items()}, "param_groups": groups}
+# ---- writing, reading, restoring ----------------------------------------------------------------------------------
+
+def capture(trainee: Trainee) -> dict | None:
+    """Every part's data, on rank 0 (None elsewhere); every process must call it."""
+    captured = {part.name: part.capture(trainee) for part in PARTS}
+    return captured if trainee.world.is_main else None
+
+
+def write(folder: Path, captured: dict, state: dict) -> None:
+    """Write a checkpoint into the empty folder `folder`; state.json last, which marks it complete."""
+    for part in PARTS:
+        part.write(captured[part.name], folder)
+    _write_json({"format_version": FORMAT_VERSION, **state}, folder / STATE_FILE)
+
+
+def restore(checkpoint: Checkpoint, trainee: Trainee) -> None:
+    """Put every part of `checkpoint` back into the trainee; every process calls it, rank 0 alone reads."""
+    version = checkpoint.state["format_version"]
+    for part in PARTS:
+        part.restore(trainee, part.read(checkpoint.path, version) if trainee.world.is_main else None)
+
+
+def read_part(folder: Path, name: str) -> Any:
+    """One part's data as rank 0 reads it from a complete checkpoint (e.g. "optimizer": its state dict)."""
+    version = read_state(folder)["format_version"]
+    return next(part for part in PARTS if part.name == name).read(Path(folder), version)
+
+
+def read_state(folder: Path) -> dict:
+    """The checkpoint's state.json, checked: its format can be read, it has the keys, its parts' files exist."""
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        raise Unreadable(folder, f"it has no {STATE_FILE}, so it is not a complete checkpoint (a complete one is "
+                                 "only ever created whole)")
+    state = _reading(path, _read_json)
+    if not isinstance(state, dict):
+        raise Unreadable(folder, f"{STATE_FILE} holds {type(state).__name__}, not an object")
+    version = state.get("format_version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise Unreadable(folder, f"{STATE_FILE} says format_version {version!r}, which this version of the code "
+                                 f"cannot read (it reads {', '.join(map(str, READABLE_VERSIONS))})"
+                                 + ("; it was written by a newer version: update the code" if newer else ""))
+    for key in STATE_KEYS:
+        if key not in state:
+            raise Unreadable(folder, f"{STATE_FILE} has no '{key}'")
+    for part in PARTS:
+        for name in (FORMAT_1_FILES.get(part.name, part.files) if version == 1 else part.files):
+            if not (Path(folder) / name).is_file():
+                raise Unreadable(folder, f"its {part.name} file {name} is missing")
+            if name.endswith(".safetensors"):
+                _check_safetensors(Path(folder) / name)
+    return state
+
+
+def _check_safetensors(path: Path) -> None:
+    """A cheap check that a safetensors file is whole: its header parses and its tensors end within the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = f.read(length) if 0 < length <= size - 8 else b""
+    try:
+        tensors = json.loads(header.decode("utf-8"))
+        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise Unreadable(path.parent, f"{path.name} is damaged (its header does not parse)") from None
+    if 8 + length + end > size:
+        raise Unreadable(path.parent, f"{path.name} is damaged (it is cut short: {size:,} bytes of "
+                                      f"{8 + length + end:,})")
+
+
+def _reading(path: Path, read: Callable[[Path], Any]) -> Any:
+    """read(path), any failure of a damaged file turned into Unreadable naming it."""
+    try:
+        return read(path)
+    except Exception as err:  # safetensors, json and torch raise many kinds; all mean a damaged file
+        raise Unreadable(path.parent, f"{path.name} is damaged ({type(err).__name__}: {err})") from None
+
+
+# ---- pieces -------------------------------------------------------------------------------------------------------
+
+def untie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The weights with each tied group stored once, as safetensors' `save_model` does it: the first name in sorted
+    order is kept, and the metadata maps each dropped name to the kept one."""
+    kept = dict(weights)
+    metadata = {}
+    for names in tied:
+        for dropped in names[1:]:
+            kept.pop(dropped, None)
+            metadata[dropped] = names[0]
+    return {k: v.contiguous() for k, v in kept.items()}, metadata or None
+
+
+def retie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The weights with every name of each tied group present again (all pointing to the one stored tensor)."""
+    full = dict(weights)
+    for names in tied:
+        stored = next((full[name] for name in names if name in full), None)
+        if stored is not None:
+            full.update({name: stored for name in names})
+    return full
 
 
 def rng_state() -> dict:
@@ -192,11 +314,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _torch():
-    import torch
-    return torch
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -205,158 +322,13 @@ def _write_json(data: Any, path: Path, indent: int | None = 1) -> None:
     path.write_text(json.dumps(data, indent=indent, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
-    # The workspace logs behind this checkpoint (restored older by `dvc exp run`): take the snapshot's instead.
-    if t.world.is_main and snapshot is not None and live_logs.restore_logs(snapshot, t.live_dir):
-        print(f"restored the logs up to this checkpoint into {t.live_dir}")
+def copy_tree(source: Path, target: Path) -> None:
+    """Copy a checkpoint folder, hardlinking its files where the filesystem allows (no extra space)."""
+    shutil.copytree(source, target, copy_function=_link_or_copy)
 
 
-PARTS = (
-    Part("weights", _capture_weights, _write_weights, read_weights, _restore_weights),
-    Part("optimizer", _capture_optimizer, lambda data, folder: _torch().save(data, folder / "optimizer.pt"),
-         lambda folder: _torch().load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
-         _restore_optimizer),
-    Part("rng", lambda t: rng_state() if t.world.is_main else None,
-         lambda data, folder: _write_json(data, folder / "rng.json", indent=None),
-         lambda folder: _read_json(folder / "rng.json"), lambda t, data: set_rng_state(t.world.share(data))),
-    Part("logs", lambda t: t.live_dir if t.world.is_main else None,
-         lambda live_dir, folder: live_logs.snapshot_logs(live_dir, folder / "live"),
-         lambda folder: folder / "live" if (folder / "live").is_dir() else None, _restore_logs),
-)
-
-
-
-# ---- saving, finding, restoring -----------------------------------------------------------------------------------
-
-def save(checkpoint_dir: Path, recovery_dir: Path, trainee: Trainee, state: dict) -> dict | None:
-    """Save a checkpoint of every part, atomically, mirror it into the recovery folder, then drop older ones in
-    both places. Every process calls it; returns rank 0's captured parts (None on the others)."""
-    captured = {part.name: part.capture(trainee) for part in PARTS}
-    if trainee.world.is_main:
-        _publish(Path(checkpoint_dir), Path(recovery_dir), captured, state)
-    trainee.world.barrier()  # the checkpoint is whole before any process goes on, or leaves
-    return captured if trainee.world.is_main else None
-
-
-def _publish(checkpoint_dir: Path, recovery_dir: Path, captured: dict, state: dict) -> Path:
-    name = folder_name(state["step"])
-    final = checkpoint_dir / name
-    if not _holds(final, state):  # the same step of the same run saved twice holds the same state: keep the first
-        tmp = fresh_folder(checkpoint_dir / f"{TMP_PREFIX}{name}")
-        for part in PARTS:
-            part.write(captured[part.name], tmp)
-        _write_json({"format_version": FORMAT_VERSION, **state}, tmp / STATE_FILE)  # last: marks it complete
-        _before_publish(tmp)
-        publish_folder(tmp, final)
-    mirror(final, recovery_dir)
-    prune(checkpoint_dir, keep=name)
-    prune(recovery_dir, keep=name)
-    return final
-
-
-def restore(checkpoint: Checkpoint, trainee: Trainee) -> None:
-    """Put every part of `checkpoint` back into the trainee; every process calls it, rank 0 alone reads."""
-    for part in PARTS:
-        part.restore(trainee, part.read(checkpoint.path) if trainee.world.is_main else None)
-
-
-def folder_name(step: int) -> str:
-    """`step-00000600` for step 600 (zero-padded so folders sort by step)."""
-    return f"{PREFIX}{step:08d}"
-
-
-def find_checkpoints(folders: list[Path]) -> list[Checkpoint]:
-    """Complete checkpoints in the given folders, newest first.
-
-    Two copies of the same run's step (same fingerprint) count once, the earlier folder's; the same step of two
-    different runs (another seed, say) are both kept, so the caller can pick the one of its run.
-    """
-    found: dict[tuple[int, str], Checkpoint] = {}
-    for folder in folders:
-        for path in sorted(Path(folder).glob(f"{PREFIX}*")) if Path(folder).is_dir() else []:
-            state = _read_state(path)
-            if state is not None:
-                found.setdefault((state["step"], state["fingerprint"]), Checkpoint(path, state))
-    return sorted(found.values(), key=lambda c: c.step, reverse=True)
-
-
-def _read_state(path: Path) -> dict | None:
+def _link_or_copy(source: str, target: str) -> None:
     try:
-        state = _read_json(path / STATE_FILE)
-    except (OSError, ValueError):
-        return None
-    if state.get("format_version") != FORMAT_VERSION:
-        return None
-    return state
-
-
-def _holds(path: Path, state: dict | None) -> bool:
-    """Whether `path` is a complete checkpoint of the same step of the same run as `state`.
-
-    The same folder name can hold another run's checkpoint (DVC restores the committed run's step 2 while a new run
-    saves its own step 2), which must then be replaced, not kept.
-    """
-    found = _read_state(path)
-    return found is not None and state is not None and (found["step"], found["fingerprint"]) == (
-        state["step"], state["fingerprint"])
-
-
-def bring_back(checkpoint: Checkpoint, checkpoint_dir: Path) -> Checkpoint:
-    """The recovery copy `checkpoint` put back where DVC records it, the older checkpoint there removed."""
-    restored = Checkpoint(mirror(checkpoint.path, checkpoint_dir), checkpoint.state)
-    prune(checkpoint_dir, keep=restored.path.name)
-    return restored
-
-
-def mirror(checkpoint: Path, folder: Path) -> Path:
-    """Put a copy of `checkpoint` into `folder` (hardlinks where possible), atomically; return its path there."""
-    target = Path(folder) / checkpoint.name
-    if _holds(target, _read_state(checkpoint)):
-        return target
-    tmp = fresh_folder(Path(folder) / f"{TMP_PREFIX}{checkpoint.name}")
-    for f in sorted(checkpoint.rglob("*")):
-        copy = tmp / f.relative_to(checkpoint)
-        if f.is_dir():
-            copy.mkdir()
-            continue
-        try:
-            os.link(f, copy)
-        except OSError:  # another filesystem, or links not allowed: copy instead
-            shutil.copyfile(f, copy)
-    publish_folder(tmp, target)
-    return target
-
-
-def prune(folder: Path, keep: str) -> None:
-    """Remove every checkpoint and leftover temporary folder in `folder` except `keep`."""
-    if not Path(folder).is_dir():
-        return
-    for path in Path(folder).iterdir():
-        if path.name != keep and path.is_dir() and path.name.startswith((PREFIX, TMP_PREFIX)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def untie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The weights with each tied group stored once, as safetensors' `save_model` does it: the first name in sorted
-    order is kept, and the metadata maps each dropped name to the kept one."""
-    kept = dict(weights)
-    metadata = {}
-    for names in tied:
-        for dropped in names[1:]:
-            kept.pop(dropped, None)
-            metadata[dropped] = names[0]
-    return {k: v.contiguous() for k, v in kept.items()}, metadata or None
-
-
-def retie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[str, torch.Tensor]:
-    """The weights with every name of each tied group present again (all pointing to the one stored tensor)."""
-    full = dict(weights)
-    for names in tied:
-        stored = next((full[name] for name in names if name in full), None)
-        if stored is not None:
-            full.update({name: stored for name in names})
-    return full
-
-
-def _before_publish(tmp: Path) -> None:
-    """Called with the written, not yet renamed folder; tests replace it to kill a process mid-save."""
+        Path(target).hardlink_to(source)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, target)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from stages.lib.checkpoint import Checkpoint
+from stages.lib.checkpoint_store import Found
 from stages.lib.errors import UserError
 from stages.lib.params import TrainParams
 from stages.lib.schedule import total_steps
@@ -81,8 +82,8 @@ class Inputs:
     windows_per_epoch: int
     vocab_size: int  # the model's: the tokenizer's length or the token files' vocabulary, whichever is larger
     special_ids: dict
-    base_model: dict | None  # what identifies train.init_from's model (None: a new model from train.model)
-    found: list  # complete checkpoints in the checkpoint folder and the recovery copy, newest first
+    base_model: str | None  # the content hash of train.init_from's model (None: a new model from train.model)
+    found: Found  # the checkpoints in the checkpoint folder and the recovery copy, and what DVC recorded
     checkpoint_dir: Path
     logs_exist: bool  # whether earlier sessions left metric logs
 
@@ -94,7 +95,7 @@ def decide(train: TrainParams, inputs: Inputs, world_size: int) -> Decision:
     plan = run_plan(train, inputs, world_size)
     grad_accum = train.grad_accum
     if train.resume != "never":
-        grad_accum, note = grad_accum_for_world(train, plan, inputs.found, world_size)
+        grad_accum, note = grad_accum_for_world(train, plan, inputs.found.checkpoints, world_size)
         if grad_accum != train.grad_accum:
             messages.append(note)
             plan = run_plan(replace(train, grad_accum=grad_accum), inputs, world_size)
@@ -113,12 +114,14 @@ def run_plan(train: TrainParams, inputs: Inputs, world_size: int) -> RunPlan:
     return RunPlan(values, fingerprint, total)
 
 
-def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_model: dict | None) -> dict:
-    """The settings that define a run: a checkpoint resumes only when all of them are unchanged."""
+def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_model: str | None) -> dict:
+    """The settings that define a run: a checkpoint resumes only when all of them are unchanged.
+
+    A pretrained model (train.init_from) counts by the content of its config and weight files, not by its path.
+    """
     values = {f"model.{k}": v for k, v in asdict(train.model).items()} if not train.init_from else {}
     if train.init_from:
-        values["init_from"] = train.init_from
-        values.update(base_model or {})
+        values["base_model_sha256"] = base_model
     values.update({
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],
@@ -132,9 +135,17 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
     return values
 
 
+# Fingerprinted values whose raw change (two hashes) says little: what a person should read instead.
+CHANGE_NAMES = {"base_model_sha256": "the base model in train.init_from (its config or weight files)",
+                "tokenizer_fingerprint": "the tokenizer (data/tokenizer/tokenizer.json)",
+                "train_data_sha256": "the training tokens (data/tokens/train.bin)",
+                "train_mask_sha256": "which training tokens count in the loss (tokenize.train_on_prompt?)"}
+
+
 def changed_settings(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every fingerprinted setting that differs."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+    """`key: old -> new` for every fingerprinted setting that differs (hashes named by what they stand for)."""
+    return [f"{CHANGE_NAMES[key]} changed" if key in CHANGE_NAMES and key in old and key in new
+            else f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)]
 
 
@@ -180,13 +191,12 @@ def fit_global_batch(global_batch: int, batch_size: int, world_size: int) -> int
 
 def choose_checkpoint(train: TrainParams, plan: RunPlan, inputs: Inputs) -> tuple[Checkpoint | None, list[str]]:
     """Apply `train.resume` to the checkpoints found: the one to resume (None: a new run) and what to say."""
-    checkpoint_dir, found = Path(inputs.checkpoint_dir), inputs.found
+    checkpoint_dir, found = Path(inputs.checkpoint_dir), inputs.found.checkpoints
     if train.resume == "never":
         return None, ["train.resume = never: starting a new run"]
-    for candidate in found:
-        if candidate.state["fingerprint"] == plan.fingerprint:
-            where = "" if candidate.path.parent == checkpoint_dir else " (recovery copy, newer than DVC's)"
-            return candidate, [f"resuming from step {candidate.step}: {candidate.path}{where}"]
+    ours = [c for c in found if c.state["fingerprint"] == plan.fingerprint]
+    if ours:
+        return _newest_or_restored(ours, checkpoint_dir, inputs.found)
     if found:
         changes = "; ".join(changed_settings(found[0].state["fingerprint_values"], plan.values))
         why = f"the checkpoint in {found[0].path} (step {found[0].step}) belongs to a different run; changed: {changes}"
@@ -204,3 +214,23 @@ def choose_checkpoint(train: TrainParams, plan: RunPlan, inputs: Inputs) -> tupl
         raise UserError(f"train.resume = require, but {checkpoint_dir} holds no checkpoint; run a first session "
                         "with train.resume: auto")
     return None, []
+
+
+def _newest_or_restored(ours: list[Checkpoint], checkpoint_dir: Path, found: Found) -> tuple[Checkpoint, list[str]]:
+    """This run's checkpoint to resume: the newest, unless it is a recovery copy that DVC recorded while the
+    checkpoint folder holds an older one, which was then restored on purpose (see stages/lib/checkpoint_store.py)."""
+    newest = ours[0]
+    in_place = next((c for c in ours if c.path.parent == checkpoint_dir), None)
+    if newest is in_place:
+        return newest, [f"resuming from step {newest.step}: {newest.path}"]
+    if in_place is None:
+        return newest, [f"resuming from step {newest.step}: {newest.path} (the recovery copy; {checkpoint_dir} "
+                        "holds none of this run)"]
+    if found.recorded_by_dvc(newest):
+        return in_place, [f"resuming from step {in_place.step}: {in_place.path}, restored on purpose: the newer "
+                          f"step {newest.step} in {newest.path.parent} ended a session that DVC recorded, so the "
+                          f"older one in {checkpoint_dir} was checked out deliberately"]
+    return newest, [f"resuming from step {newest.step}: {newest.path} (the recovery copy, newer than the step "
+                    f"{in_place.step} that DVC restored into {checkpoint_dir}: its session never ended normally "
+                    "under DVC, so DVC never recorded it). To go back to the older step on purpose, delete "
+                    f"{newest.path.parent}/ first"]

@@ -7,10 +7,15 @@ into it would corrupt the cache. A folder is built under a temporary name and sw
 """
 
 import contextlib
+import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import IO, Iterator
+
+from stages.lib.errors import UserError
 
 PARTIAL = ".partial"  # suffix of a file or folder being built
 OLD = ".old"  # suffix of the folder a swap is replacing
@@ -90,3 +95,60 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, holder: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block; a UserError at once when another process holds it.
+
+    The kernel's lock (flock) is released when its process dies, however it dies, so a lock is never stale; the
+    file also names the process that holds it, for the message, and a name left by a process that is gone is only
+    reported ("taken over"). The file is emptied, not deleted, on release: deleting it could let two processes lock
+    two different files of the same name.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{path} is held by {_describe_holder(fd)}, {holder}: only one may run at a time. Wait "
+                            "for it to finish, or stop it (a SIGTERM saves a checkpoint first)") from None
+        left = _read_holder(fd)
+        if left:
+            print(f"note: took over {path}, left by {_describe(left)}, which is no longer running")
+        _write_holder(fd, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_holder(fd: int) -> dict | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        holder = json.loads(os.read(fd, 4096).decode("utf-8") or "null")
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _write_holder(fd: int, holder: dict) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
+    os.fsync(fd)
+
+
+def _describe_holder(fd: int) -> str:
+    holder = _read_holder(fd)
+    return _describe(holder) if holder else "another process"
+
+
+def _describe(holder: dict) -> str:
+    return f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from stages.lib.errors import UserError
 from stages.lib.files import replaced_folder, write_atomically
 
 
@@ -58,7 +59,7 @@ def truncate_logs(live_dir: Path, last_step: int) -> None:
     summary: dict = {}
     for path in _metric_files(live_dir):
         header, rows = _read_tsv(path)
-        kept = [row for row in rows if int(row[header.index("step")]) <= last_step]
+        kept = [row for row in rows if int(row[0]) <= last_step]
         if len(kept) < len(rows):
             write_atomically(path, _tsv_text(header, kept))
         if kept:
@@ -78,9 +79,24 @@ def _metric_files(live_dir: Path) -> list[Path]:
 
 
 def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        table = [row for row in csv.reader(f, delimiter="\t") if row]
-    return (table[0], table[1:]) if table else (["step"], [])
+    """The header and rows (step first) of a metric log. A row that cannot be read (a process killed while DVCLive
+    appended it, a hand edit) is dropped with a note naming it: these are logs, not training state."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            table = [row for row in csv.reader(f, delimiter="\t") if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path} cannot be read ({err}); delete it (it only holds logs) or restore it with "
+                        "`dvc checkout`") from None
+    if not table or table[0][:1] != ["step"] or len(table[0]) != 2:
+        raise UserError(f"{path}: expected DVCLive's header `step<TAB><metric>`, got {table[0] if table else 'nothing'}"
+                        "; delete the file (it only holds logs) or restore it with `dvc checkout`")
+    rows = []
+    for number, row in enumerate(table[1:], 2):
+        if len(row) == 2 and row[0].isdigit() and _number(row[1]) != row[1]:
+            rows.append(row)
+        else:
+            print(f"note: {path}:{number}: dropped a log row that cannot be read: {chr(9).join(row)!r}")
+    return table[0], rows
 
 
 def _tsv_text(header: list[str], rows: list[list[str]]) -> str:

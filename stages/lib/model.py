@@ -44,7 +44,13 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> P
     if not (Path(folder) / "config.json").is_file():
         raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
                         "folder (with config.json and model.safetensors)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except Exception as err:  # transformers raises many kinds (bad config, missing or damaged weights, unknown type)
+        raise UserError(f"train.init_from = {folder!r}: transformers cannot load a causal language model from it "
+                        f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]}). Check that the folder "
+                        "holds config.json and its weight files (model.safetensors), whole, as `save_pretrained` "
+                        "or `hf download` writes them") from None
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise UserError(f"train.seq_len = {seq_len} is above the {positions} positions the model in "

@@ -17,9 +17,6 @@ from stages.lib.loss import LossModule
 from stages.lib.model import tied_names, transformer_blocks
 from stages.lib.world import World
 
-MODEL_PREFIX = "model."  # LossModule holds the model as its child `model`
-
-
 @dataclass
 class ParallelModel:
     """The model as the training loop drives it."""

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from stages.lib import checkpoint as ckpt
+from stages.lib import checkpoint_store as store
 from stages.lib.batches import TokenWindows, TrainBatches, counted_tokens, validation_batches
 from stages.lib.decision import Decision
 from stages.lib.live_logs import open_live
@@ -51,17 +52,20 @@ class SessionTimer:
     """Wall-clock bookkeeping for `minutes_today`: the longest recent step, and the closing work's cost."""
 
     deadline: float
-    reserve_guess: float
+    guesses: dict  # seconds each piece of closing work (eval when there is validation, save, export) may take
     step_times: list = field(default_factory=list)
-    measured: dict = field(default_factory=dict)  # eval / save / export seconds, once timed
+    measured: dict = field(default_factory=dict)  # the same pieces' seconds, once timed
+
+    def reserve(self) -> float:
+        """Seconds to keep for the closing work: each piece as measured (with a 20% margin), else as guessed."""
+        return sum(self.measured[k] * 1.2 if k in self.measured else guess for k, guess in self.guesses.items())
 
     def allows_step(self) -> bool:
         """Whether one more step still leaves time for the closing eval, save and export."""
         if math.isinf(self.deadline):
             return True
         step = max(self.step_times[-5:], default=0.0)
-        reserve = sum(self.measured.values()) * 1.2 if len(self.measured) == 3 else self.reserve_guess
-        return time_for_another_step(time.monotonic(), self.deadline, step, reserve)
+        return time_for_another_step(time.monotonic(), self.deadline, step, self.reserve())
 
 
 class _NoLogs:
@@ -91,13 +95,15 @@ class Session:
         self.val = validation_batches(val_windows, train.batch_size, train.eval_batches) if val_windows else []
         self.tokens_per_step = batches.samples_per_step * train.seq_len
         self.timer = SessionTimer(started + train.minutes_today * 60 if train.minutes_today else math.inf,
-                                  self._reserve_guess())
+                                  self._closing_guesses())
         self.last_saved: dict | None = None  # rank 0's parts as captured by the latest save
+        self.last_state: dict | None = None  # and its state.json
 
-    def _reserve_guess(self) -> float:
-        # Before a save has been timed: weights + two Adam moments written twice (checkpoint, export), plus margin.
-        size = 4 * sum(p.numel() for p in self.model.parameters()) * 4
-        return size / SAVE_BYTES_PER_SECOND + 2.0
+    def _closing_guesses(self) -> dict:
+        # Before they are timed: a checkpoint writes fp32 weights and two Adam moments, an export the weights.
+        weights = 4 * sum(p.numel() for p in self.model.parameters())
+        guesses = {"save": 3 * weights / SAVE_BYTES_PER_SECOND + 1.0, "export": weights / SAVE_BYTES_PER_SECOND + 1.0}
+        return {**guesses, "eval": 1.0} if self.val else guesses
 
     def run(self, start: int, end: int) -> SessionResult:
         """Train steps start -> end (or until stopped), saving and logging on the way."""
@@ -218,7 +224,8 @@ class Session:
                  "data_cursor": self.batches.cursor(step).as_dict(), "fingerprint": self.plan.fingerprint,
                  "fingerprint_values": self.plan.values, "world_size": self.world.size,
                  "batch_params": self.decision.asked_batch}
-        self.last_saved = ckpt.save(Path(self.train.checkpoint_dir), self.recovery_dir, self.trainee, state)
+        self.last_saved = store.save(Path(self.train.checkpoint_dir), self.recovery_dir, self.trainee, state)
+        self.last_state = state
         seconds = time.monotonic() - began
         self.timer.measured["save"] = seconds
         self.timer.measured["export"] = seconds  # an export writes about what a checkpoint's weights take

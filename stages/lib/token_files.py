@@ -105,8 +105,12 @@ def read_meta(tokens_dir: str | Path) -> dict:
     path = Path(tokens_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({err}); rerun the tokenize stage (dvc repro -f tokenize)") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        meta = meta if isinstance(meta, dict) else {}
         raise UserError(f"{path}: format_version {meta.get('format_version')!r} is not the {FORMAT_VERSION} this "
                         "code reads; rerun the tokenize stage")
     return meta
@@ -134,11 +138,16 @@ def _read_jsonl_split(path: Path, dtype: np.dtype, tokens: int) -> tuple[np.ndar
     mask = np.empty(tokens, np.uint8)
     at = 0
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)
-            n = len(doc["ids"])
-            ids[at:at + n] = doc["ids"]
-            mask[at:at + n] = doc["mask"]
+        for number, line in enumerate(f, 1):
+            try:
+                doc = json.loads(line)
+                n = len(doc["ids"])
+                ids[at:at + n] = doc["ids"]
+                mask[at:at + n] = doc["mask"]
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                raise UserError(f"{path}:{number}: expected {{\"ids\": [...], \"mask\": [...]}} of equal length "
+                                f"({type(err).__name__}: {err}); rerun the tokenize stage (dvc repro -f tokenize)"
+                                ) from None
             at += n
     if at != tokens:
         raise UserError(f"{path} holds {at} tokens but meta.json says {tokens}; rerun the tokenize stage")
