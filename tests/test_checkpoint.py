@@ -207,3 +207,23 @@ def test_the_pickle_check_tells_pickles_from_safetensors(tmp_path):
     (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"a": 1}))
     folder = save(tmp_path, model, optimizer, step=1)
     assert pickles(tmp_path) == ["optimizer.pt", "raw.pkl"] and (folder / "model.safetensors").exists()
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_checkpoint_with_files_missing(tmp_path, monkeypatch):
+    model, optimizer = model_and_optimizer(seed=0)
+    save(tmp_path, model, optimizer, step=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, ignore_errors=False):
+        if (Path(path) / "state.json").exists():  # deleting a whole checkpoint
+            (Path(path) / "state.json").unlink()  # the first file is gone, then the process dies
+            raise KeyboardInterrupt("killed while pruning")
+        real_rmtree(path, ignore_errors=ignore_errors)
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, model, optimizer, step=4)
+    monkeypatch.undo()
+    assert [c.step for c in found(tmp_path)] == [4, 2]  # the half-deleted copy is a leftover, not a checkpoint
+    save(tmp_path, model, optimizer, step=6)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000006"]
+    assert [p.name for p in (tmp_path / "recovery").iterdir()] == ["step-00000006"]

@@ -140,6 +140,8 @@ def prune(folder: Path, keep: str) -> None:
     """Remove from `folder` every readable checkpoint but `keep`, and this code's temporary leftovers.
 
     A folder that cannot be read is never removed (its state may be the only copy of someone's work): it raises.
+    A checkpoint is first renamed to a temporary name, then deleted, so a kill halfway through the deletion
+    leaves a leftover that the next save clears, never a checkpoint with files missing.
     """
     if not Path(folder).is_dir():
         return
@@ -148,6 +150,10 @@ def prune(folder: Path, keep: str) -> None:
             continue
         if path.name.startswith(PREFIX):
             read_state(path)
+            doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(path, doomed)
+            path = doomed
         elif not path.name.startswith(TMP_PREFIX):
             continue
         shutil.rmtree(path, ignore_errors=True)
