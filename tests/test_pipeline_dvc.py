@@ -101,6 +101,12 @@ def test_first_repro_runs_every_stage(repo):
     assert "val_loss" in json.loads((repo / "outputs/eval/metrics.json").read_text())
 
 
+def test_nothing_the_pipeline_writes_is_a_pickle(repo):
+    from test_checkpoint import pickles
+    for folder in ("data", "checkpoints", ".checkpoint-recovery", "models", "outputs"):
+        assert pickles(repo / folder) == [], folder
+
+
 def test_repro_trains_one_session_per_run_until_the_budget_is_spent(repo):
     out = run(repo, "dvc", "repro")
     assert skipped(out, "render") and skipped(out, "tokenize") and ran(out, "train"), out
