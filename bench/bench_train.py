@@ -148,10 +148,10 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict
                                   root / "recovery", False, 1)
         batches = TrainBatches(windows, train.seed, train.batch_size, train.grad_accum)
         world = World(device=device)
-        trainee = build_trainee(train, decision, world, root / "outputs" / "live")
+        precision = pick_precision(train.precision, device)
+        trainee = build_trainee(train, decision, world, root / "outputs" / "live", precision)
         ours_model = trainee.parallel.model
-        ours = Session(train, decision, trainee, pick_precision(train.precision, device), batches, None,
-                       time.monotonic(), root / "recovery")
+        ours = Session(train, decision, trainee, precision, batches, None, time.monotonic(), root / "recovery")
         base = Baseline(build_model(train, decision.vocab_size, decision.special_ids), train, batches, device,
                         ours.precision.autocast)
         per_token = flops_per_token(ours_model, train.seq_len)

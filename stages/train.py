@@ -40,7 +40,7 @@ from stages.lib.live_logs import has_logs
 from stages.lib.model import build_model, tied_names
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
-from stages.lib.precision import pick_precision
+from stages.lib.precision import LossScaler, Precision, pick_precision
 from stages.lib.schedule import session_end
 from stages.lib.session import Session, SessionResult
 from stages.lib.token_files import read_meta
@@ -94,15 +94,15 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
             return _budget_spent(train, decision, tokenizer_dir, export_dir)
         return SessionResult(start, start, stopped_by="nothing-to-do")
 
-    trainee = build_trainee(train, decision, world, live_dir)
+    precision = pick_precision(train.precision, world.device, warn=world.is_main)
+    trainee = build_trainee(train, decision, world, live_dir, precision)
     batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
-    precision = pick_precision(train.precision, world.device)
     session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
     end = session_end(start, total, train.steps_today)
     if world.is_main:
         parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
         print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} on "
-              f"{world.describe(train.strategy)} ({precision.name}), {parameters:,} parameters")
+              f"{world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters")
     result = session.run(start, end)
     if result.trained and world.is_main:
         export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir)
@@ -146,12 +146,16 @@ def _base_model_identity(init_from: str) -> dict | None:
     return {"init_from_config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None}
 
 
-def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir: Path) -> ckpt.Trainee:
-    """The run's model and optimizer on this process, wrapped for the processes, with the checkpoint restored."""
+def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir: Path,
+                  precision: Precision) -> ckpt.Trainee:
+    """The run's model, optimizer and loss scaler on this process, wrapped for the processes, with the checkpoint
+    restored."""
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids)
+    model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
     parallel = parallel_model(model, world, train.strategy, train.compile)
-    trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir)
+    scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
+    trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler)
     if decision.resume is not None:
         ckpt.restore(decision.resume, trainee)
     return trainee

@@ -6,6 +6,7 @@ and loaded by its own functions:
 - `weights`: `model.safetensors` (tensors shared in the model, such as tied embeddings, stored once);
 - `optimizer`: `optimizer.pt` (the optimizer state dict: plain tensors and numbers, read with `weights_only=True`);
 - `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
+- `scaler`: `scaler.json`, fp16's loss scale and the run's count of skipped steps (stages/lib/precision.py);
 - `logs`: `live/`, the DVCLive logs as of this step, so a session resuming from this checkpoint gets back the rows
   that went with it (`dvc exp run` restores the logs DVC recorded, which may be older);
 and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprint and the
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding che
     import torch
 
     from stages.lib.parallel import ParallelModel
+    from stages.lib.precision import LossScaler
     from stages.lib.world import World
 
 FORMAT_VERSION = 1
@@ -71,6 +73,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     world: World
     live_dir: Path
+    scaler: LossScaler | None = None  # fp16's loss scaler (disabled in the other modes); None: not saved
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,22 @@ def _write_json(data: Any, path: Path, indent: int | None = 1) -> None:
     path.write_text(json.dumps(data, indent=indent, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _write_scaler(state: dict | None, folder: Path) -> None:
+    if state is not None:
+        _write_json(state, folder / "scaler.json")
+
+
+def _read_scaler(folder: Path) -> dict | None:
+    path = folder / "scaler.json"
+    return _read_json(path) if path.exists() else None  # absent from checkpoints older than the part
+
+
+def _restore_scaler(t: Trainee, state: dict | None) -> None:
+    state = t.world.share(state)
+    if state is not None and t.scaler is not None:
+        t.scaler.load_state_dict(state)
+
+
 def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
     # The workspace logs behind this checkpoint (restored older by `dvc exp run`): take the snapshot's instead.
     if t.world.is_main and snapshot is not None and live_logs.restore_logs(snapshot, t.live_dir):
@@ -219,6 +238,8 @@ PARTS = (
     Part("rng", lambda t: rng_state() if t.world.is_main else None,
          lambda data, folder: _write_json(data, folder / "rng.json", indent=None),
          lambda folder: _read_json(folder / "rng.json"), lambda t, data: set_rng_state(t.world.share(data))),
+    Part("scaler", lambda t: t.scaler.state_dict() if t.world.is_main and t.scaler else None,
+         _write_scaler, _read_scaler, _restore_scaler),
     Part("logs", lambda t: t.live_dir if t.world.is_main else None,
          lambda live_dir, folder: live_logs.snapshot_logs(live_dir, folder / "live"),
          lambda folder: folder / "live" if (folder / "live").is_dir() else None, _restore_logs),

@@ -23,7 +23,7 @@ from stages.lib.decision import Decision
 from stages.lib.live_logs import open_live
 from stages.lib.parallel import full_value
 from stages.lib.params import TrainParams
-from stages.lib.precision import Precision
+from stages.lib.precision import LossScaler, Precision
 from stages.lib.schedule import lr_at, time_for_another_step
 from stages.lib.stop import StopRequest
 
@@ -84,6 +84,7 @@ class Session:
         self.train, self.decision, self.trainee, self.precision = train, decision, trainee, precision
         self.plan, self.world, self.parallel = decision.plan, trainee.world, trainee.parallel
         self.model, self.optimizer, self.device = trainee.parallel.model, trainee.optimizer, trainee.world.device
+        self.scaler = trainee.scaler or LossScaler(enabled=False, device_type=self.device.type)
         self.batches, self.recovery_dir = batches, recovery_dir
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -111,6 +112,7 @@ class Session:
             return result
         live = open_live(self.trainee.live_dir, start if start > 0 else None) if main else _NoLogs()
         saved = evaluated = step = start
+        skipped_before = self.scaler.skipped_steps
         stop = StopRequest(repeat_window=1.0 if self.world.size > 1 else 0.0, launcher_pid=self.world.launcher_pid)
         with stop, tqdm(total=end - start, desc=f"steps {start}->{end}", unit="step", dynamic_ncols=True,
                         disable=not main) as bar:
@@ -136,6 +138,8 @@ class Session:
             result.stopped_by = "time"
             if main:
                 print(f"stopping at step {step}: train.minutes_today = {self.train.minutes_today} is nearly used up")
+        if main and self.scaler.enabled:
+            print(self.scaler.describe(step - start, skipped_before))
         if step > start and result.stopped_by != "signal" and evaluated != step:
             self._evaluate(live, step)
         live.make_summary()
@@ -166,8 +170,9 @@ class Session:
             with self.parallel.gradient_sync(last_micro_step=i == len(on_device) - 1):
                 with self.precision.autocast():
                     loss_sum = self.parallel.forward(inputs, labels)
-                ((loss_sum * scale if scale > 1 else loss_sum) / counted).backward()
+                self.scaler.scale((loss_sum * scale if scale > 1 else loss_sum) / counted).backward()
             total += loss_sum.detach()
+        self.scaler.unscale(self.optimizer)  # fp16: gradients at their true size before clipping and the norm
         params = self.model.parameters()
         if self.train.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
@@ -176,7 +181,7 @@ class Session:
         lr = lr_at(step, self.plan.total_steps, self.train.lr, self.train.min_lr, self.train.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient is inf or nan; the batch is used all the same
         self.optimizer.zero_grad(set_to_none=True)
         loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), full_value(grad_norm).item()
         return loss, grad_norm, time.perf_counter() - began
@@ -188,9 +193,13 @@ class Session:
 
     def _log_step(self, live, step: int, loss: float, grad_norm: float, seconds: float) -> None:
         live.step = step
-        live.log_metric("train/loss", loss)
+        for name, value in (("train/loss", loss), ("grad_norm", grad_norm)):
+            if math.isfinite(value):  # fp16 can skip a step for an inf norm: JSON has no inf, skipped_steps counts it
+                live.log_metric(name, value)
         live.log_metric("lr", self.optimizer.param_groups[0]["lr"])
-        live.log_metric("grad_norm", grad_norm)
+        if self.scaler.enabled:
+            live.log_metric("skipped_steps", self.scaler.skipped_steps)
+            live.log_metric("loss_scale", self.scaler.current_scale())
         live.log_metric("tokens_per_sec", round(self.tokens_per_step / seconds, 1))
         live.log_metric("tokens_seen", step * self.tokens_per_step)
 
