@@ -37,7 +37,7 @@ from stages.lib.errors import UserError, run_stage
 from stages.lib.export import export_model
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.live_logs import has_logs
-from stages.lib.model import build_model, tied_names
+from stages.lib.model import build_model, checkpoint_activations, tied_names
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
 from stages.lib.precision import LossScaler, Precision, pick_precision
@@ -153,6 +153,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids)
     model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
+    if train.activation_checkpointing:
+        checkpoint_activations(model)
     parallel = parallel_model(model, world, train.strategy, train.compile)
     scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
     trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler)

@@ -72,6 +72,23 @@ def transformer_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them (activation
+    checkpointing, non-reentrant): the block inputs alone stay in memory, for one more forward pass of compute.
+
+    HuggingFace's own switch: it checkpoints each block's `forward`, so parameter names and FSDP's hooks stay as
+    they are, and the recomputation replays the random state (dropout) of the first pass.
+    """
+    if not model.supports_gradient_checkpointing or not transformer_blocks(model):
+        raise UserError(f"train.activation_checkpointing: this {type(model).__name__} does not support it; set "
+                        "train.activation_checkpointing: false")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers; older ones: the old name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def tied_names(model: torch.nn.Module) -> list[list[str]]:
     """Groups of state-dict names that are one tensor in `model` (tied embeddings), each group sorted."""
     groups: dict[int, list[str]] = {}
