@@ -1,8 +1,9 @@
 """Model families: a new small Llama, or a pretrained HuggingFace folder, and the facts about a family that the rest
 of the code relies on (whether its logits are a plain linear head, its repeated blocks, its tied weights).
 
-Adding a model family means looking here first: a family whose head is plain linear joins PLAIN_HEAD_MODELS, and
-the chunked loss (stages/lib/loss.py) then computes exactly what the family's own forward would.
+Adding a model family means looking here first: a family whose head is plain linear (with or without a bias) joins
+PLAIN_HEAD_MODELS, and the chunked loss (stages/lib/loss.py) then computes exactly what the family's own forward
+would.
 """
 
 from pathlib import Path
@@ -13,9 +14,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from stages.lib.errors import UserError
 from stages.lib.params import ModelParams, TrainParams
 
-# Model families whose logits are exactly `lm_head(last hidden state)` (no bias, scaling or soft-capping), so the
-# chunked loss computes the same thing as their own forward. Others fall back to the model's own logits.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "smollm3"}
+# Model families whose logits are exactly `lm_head(last hidden state)`, an nn.Linear (Phi's has a bias; no scaling
+# or soft-capping), so the chunked loss computes the same thing as their own forward. Others fall back to the
+# model's own logits.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2",
+                     "smollm3"}
 
 
 def build_model(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTrainedModel:
@@ -39,12 +42,18 @@ def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
-def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> PreTrainedModel:
-    """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller."""
+def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
+                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller.
+
+    `dtype`: what the weights are held in, converted as they load (a 16-bit folder is never first made a full fp32
+    copy): fp32 for weights that train, which are the master weights in every precision mode; a base that stays
+    frozen (LoRA) needs only the 16 bits its passes compute in.
+    """
     if not (Path(folder) / "config.json").is_file():
         raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
                         "folder (with config.json and model.safetensors)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise UserError(f"train.seq_len = {seq_len} is above the {positions} positions the model in "
@@ -57,10 +66,9 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> P
 
 
 def has_plain_head(model: PreTrainedModel) -> bool:
-    """Whether the logits are just a bias-free linear map of the last hidden state (so chunking is exact)."""
+    """Whether the logits are just a linear map of the last hidden state, plus a bias (so chunking is exact)."""
     head = model.get_output_embeddings()
-    return (model.config.model_type in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear)
-            and head.bias is None)
+    return model.config.model_type in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear)
 
 
 def transformer_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
