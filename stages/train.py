@@ -20,6 +20,7 @@ The story of a session, and where each part lives:
 """
 
 import hashlib
+import os
 import random
 import sys
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from stages.lib import checkpoint as ckpt
+from stages.lib import memory
 from stages.lib.batches import TrainBatches, split_windows
 from stages.lib.decision import Decision, Inputs, decide
 from stages.lib.devices import pick_device
@@ -37,7 +39,7 @@ from stages.lib.errors import UserError, run_stage
 from stages.lib.export import export_model
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.live_logs import has_logs
-from stages.lib.model import build_model, checkpoint_activations, tied_names
+from stages.lib.model import build_model, checkpoint_activations, model_config, tied_names
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
 from stages.lib.precision import LossScaler, Precision, pick_precision
@@ -95,6 +97,7 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
         return SessionResult(start, start, stopped_by="nothing-to-do")
 
     precision = pick_precision(train.precision, world.device, warn=world.is_main)
+    memory_plan = check_memory(train, decision, world, precision)
     trainee = build_trainee(train, decision, world, live_dir, precision)
     batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
     session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
@@ -103,7 +106,10 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
         parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
         print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} on "
               f"{world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters")
-    result = session.run(start, end)
+    try:
+        result = session.run(start, end)
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_message(memory_plan, Path(train.checkpoint_dir))) from None
     if result.trained and world.is_main:
         export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir)
         print(f"exported the model at step {result.end_step} to {export_dir}/")
@@ -144,6 +150,41 @@ def _base_model_identity(init_from: str) -> dict | None:
         return None
     config = Path(init_from) / "config.json"
     return {"init_from_config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None}
+
+
+def check_memory(train: TrainParams, decision: Decision, world: World,
+                 precision: Precision) -> memory.MemoryPlan:
+    """The session's memory plan from the model's config, printed before anything is loaded; a UserError naming
+    settings that would fit when it does not fit the device's free memory."""
+    shape = memory.model_shape(model_config(train, decision.vocab_size, decision.special_ids))
+    setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
+                         train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1)
+    free = memory.available_memory(world.device)
+    if world.device.type == "cpu":  # the processes of this machine share its memory
+        free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    plan = memory.plan_memory(shape, setup, free, _device_name(world.device))
+    if world.is_main:
+        print("\n".join(plan.lines()))
+    if world.max([float(not plan.fits())])[0]:  # any process short of memory stops them all
+        raise UserError(memory.does_not_fit_message(plan))
+    return plan
+
+
+def out_of_memory_message(plan: memory.MemoryPlan, checkpoint_dir: Path) -> str:
+    """A CUDA out-of-memory error in the session, as advice: what was saved, and settings that need less."""
+    found = ckpt.find_checkpoints([checkpoint_dir])
+    saved = (f"the checkpoint at step {found[0].step} in {checkpoint_dir} is untouched and the next session resumes "
+             "from it" if found else "no checkpoint was written")
+    # The plan said it fits, so the estimate fell short here: advise settings that need at least a third less.
+    options = memory.settings_that_fit(plan.shape, plan.setup, int(plan.peak * 2 / 3))
+    advice = "\n".join(["Settings that need at least a third less memory:", *options]) if options else (
+        "Use a device with more memory, or several GPUs with train.strategy: fsdp.")
+    return (f"{plan.where} ran out of memory during the session (the memory plan estimated {memory.size(plan.peak)} "
+            f"of {memory.size(plan.available)} free); {saved}.\n{advice}")
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir: Path,

@@ -9,7 +9,7 @@ would.
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel
 
 from stages.lib.errors import UserError
 from stages.lib.params import ModelParams, TrainParams
@@ -31,15 +31,30 @@ def build_model(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTr
     return model
 
 
-def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> PreTrainedModel:
-    """A freshly initialised Llama-style model of the size in `train.model`, identical for the same seed."""
-    config = LlamaConfig(
+def model_config(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTrainedConfig:
+    """The config of the run's model, read or built without loading a weight (what the memory plan starts from)."""
+    if not train.init_from:
+        return new_model_config(train.model, vocab_size, special_ids)
+    _check_model_folder(train.init_from)
+    config = AutoConfig.from_pretrained(train.init_from)
+    config.vocab_size = max(config.vocab_size, vocab_size)  # as `pretrained_model` grows it
+    return config
+
+
+def new_model_config(p: ModelParams, vocab_size: int, special_ids: dict) -> LlamaConfig:
+    """The config of a new Llama-style model of the size in `train.model`."""
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size or 4 * p.hidden_size,
         num_hidden_layers=p.n_layer, num_attention_heads=p.n_head, num_key_value_heads=p.n_head,
         max_position_embeddings=p.max_position_embeddings, tie_word_embeddings=p.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": p.rope_theta}, use_cache=False, **special_ids)
+
+
+def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> PreTrainedModel:
+    """A freshly initialised Llama-style model of the size in `train.model`, identical for the same seed."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(new_model_config(p, vocab_size, special_ids), dtype=torch.float32,
+                                            attn_implementation="sdpa")
 
 
 def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
@@ -50,9 +65,7 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
     copy): fp32 for weights that train, which are the master weights in every precision mode; a base that stays
     frozen (LoRA) needs only the 16 bits its passes compute in.
     """
-    if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
-                        "folder (with config.json and model.safetensors)")
+    _check_model_folder(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
@@ -63,6 +76,12 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
         model.resize_token_embeddings(vocab_size)
     model.config.use_cache = False
     return model
+
+
+def _check_model_folder(folder: str) -> None:
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
+                        "folder (with config.json and model.safetensors)")
 
 
 def has_plain_head(model: PreTrainedModel) -> bool:
