@@ -25,6 +25,7 @@ from stages.lib.parallel import full_value
 from stages.lib.params import TrainParams
 from stages.lib.precision import LossScaler, Precision
 from stages.lib.schedule import lr_at, time_for_another_step
+from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session
 from stages.lib.stop import StopRequest
 
 SAVE_BYTES_PER_SECOND = 100e6  # a cautious disk speed, to reserve time for a save before one has been timed
@@ -60,8 +61,11 @@ class SessionTimer:
         if math.isinf(self.deadline):
             return True
         step = max(self.step_times[-5:], default=0.0)
-        reserve = sum(self.measured.values()) * 1.2 if len(self.measured) == 3 else self.reserve_guess
-        return time_for_another_step(time.monotonic(), self.deadline, step, reserve)
+        return time_for_another_step(time.monotonic(), self.deadline, step, self.reserve())
+
+    def reserve(self) -> float:
+        """Seconds kept for the closing eval, save and export: measured (plus 20%) once all three were timed."""
+        return sum(self.measured.values()) * 1.2 if len(self.measured) == 3 else self.reserve_guess
 
 
 class _NoLogs:
@@ -125,6 +129,8 @@ class Session:
                 result.first_step_at = result.first_step_at or time.monotonic()
                 self.timer.step_times.append(seconds)
                 self._log_step(live, step, loss, grad_norm, seconds)
+                if main and step - start == min(PLAN_AFTER_STEPS, end - start):
+                    self._report_plan(live, step, start, end)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_step / seconds:,.0f}", refresh=False)
                 bar.update()
                 if step % self.train.eval_every == 0:
@@ -202,6 +208,21 @@ class Session:
             live.log_metric("loss_scale", self.scaler.current_scale())
         live.log_metric("tokens_per_sec", round(self.tokens_per_step / seconds, 1))
         live.log_metric("tokens_seen", step * self.tokens_per_step)
+
+    def _report_plan(self, live, step: int, start: int, end: int) -> None:
+        """Print and log the session plan (stages/lib/session_plan.py) from the steps timed so far."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        plan = plan_session(step, start, end, self.plan.total_steps, self.timer.step_times, time.monotonic(),
+                            self.timer.deadline, self.timer.reserve(), weights, trained)
+        lines = plan_lines(plan)
+        if self.device.type == "cuda":
+            lines.append(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB "
+                         "(compare the memory plan above)")
+        for line in lines:
+            tqdm.write(line)
+        for name, value in plan_metrics(plan).items():
+            live.log_metric(name, value)
 
     def _evaluate(self, live, step: int) -> int:
         if not self.val:
