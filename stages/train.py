@@ -19,6 +19,7 @@ The story of a session, and where each part lives:
 4. run the loop (stages/lib/session.py), then export (stages/lib/export.py).
 """
 
+import contextlib
 import hashlib
 import os
 import random
@@ -98,18 +99,16 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
 
     precision = pick_precision(train.precision, world.device, warn=world.is_main)
     memory_plan = check_memory(train, decision, world, precision)
-    trainee = build_trainee(train, decision, world, live_dir, precision)
-    batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
-    session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
-    end = session_end(start, total, train.steps_today)
-    if world.is_main:
-        parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
-        print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} on "
-              f"{world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters")
-    try:
+    with out_of_memory_as_advice(memory_plan, Path(train.checkpoint_dir)):
+        trainee = build_trainee(train, decision, world, live_dir, precision)
+        batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
+        session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
+        end = session_end(start, total, train.steps_today)
+        if world.is_main:
+            parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
+            print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
+                  f"on {world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters")
         result = session.run(start, end)
-    except torch.OutOfMemoryError:
-        raise UserError(out_of_memory_message(memory_plan, Path(train.checkpoint_dir))) from None
     if result.trained and world.is_main:
         export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir)
         print(f"exported the model at step {result.end_step} to {export_dir}/")
@@ -170,17 +169,16 @@ def check_memory(train: TrainParams, decision: Decision, world: World,
     return plan
 
 
-def out_of_memory_message(plan: memory.MemoryPlan, checkpoint_dir: Path) -> str:
-    """A CUDA out-of-memory error in the session, as advice: what was saved, and settings that need less."""
-    found = ckpt.find_checkpoints([checkpoint_dir])
-    saved = (f"the checkpoint at step {found[0].step} in {checkpoint_dir} is untouched and the next session resumes "
-             "from it" if found else "no checkpoint was written")
-    # The plan said it fits, so the estimate fell short here: advise settings that need at least a third less.
-    options = memory.settings_that_fit(plan.shape, plan.setup, int(plan.peak * 2 / 3))
-    advice = "\n".join(["Settings that need at least a third less memory:", *options]) if options else (
-        "Use a device with more memory, or several GPUs with train.strategy: fsdp.")
-    return (f"{plan.where} ran out of memory during the session (the memory plan estimated {memory.size(plan.peak)} "
-            f"of {memory.size(plan.available)} free); {saved}.\n{advice}")
+@contextlib.contextmanager
+def out_of_memory_as_advice(plan: memory.MemoryPlan, checkpoint_dir: Path):
+    """A CUDA out-of-memory error in the block becomes a UserError: what was saved, and settings that need less."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        found = ckpt.find_checkpoints([checkpoint_dir])
+        saved = (f"the checkpoint at step {found[0].step} in {checkpoint_dir} is untouched and the next session "
+                 "resumes from it" if found else "no checkpoint was written")
+        raise UserError(memory.out_of_memory_message(plan, saved)) from None
 
 
 def _device_name(device: torch.device) -> str:

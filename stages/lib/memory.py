@@ -12,9 +12,10 @@ Bytes per parameter (N parameters, of which T train: all of them, or a LoRA's ad
   checkpointing, each block's input (fp32, 4 x hidden per token) and one block recomputed at a time;
 - the loss head (stages/lib/loss.py): its gradients, computed in the forward pass (the head weight's 4 x vocab x
   hidden, the hidden states' gradient), and one chunk of logits; a model without a plain head holds full logits.
-The peak is the larger of two moments: the end of the forward pass (activations, head gradients and the gradients
-being built in the backward pass of the last block; gradients of earlier micro-steps when grad_accum > 1) and the
-end of the backward pass (all gradients). A plan fits when its peak plus HEADROOM is within the free memory.
+The peak is the larger of two moments: the end of the forward pass (activations and head gradients, plus the larger
+of the head's chunk of logits and the gradients in flight through one block as the backward pass starts; gradients
+of earlier micro-steps when grad_accum > 1) and the end of the backward pass (all gradients). A plan fits when its
+peak plus HEADROOM is within the free memory. Checked against what PyTorch allocates by bench/bench_memory.py.
 """
 
 from dataclasses import dataclass, replace
@@ -193,11 +194,14 @@ def plan_memory(shape: ModelShape, setup: Setup, available: int | None = None, w
         "gradients": 4 * trained // s.shards,
         "AdamW state": 8 * trained // s.shards,
         "activations": _activations(shape, s, block, tokens),
-        "loss head": _loss_head(shape, s, tokens, head_trains=not lora),
     }
+    head_gradients, head_chunk = _loss_head(shape, s, tokens, head_trains=not lora)
+    parts["loss head"] = head_gradients + head_chunk
     resident = parts["weights"] + parts["16-bit copies"] + parts["AdamW state"]
     earlier_gradients = parts["gradients"] if s.grad_accum > 1 else 0
-    forward_end = resident + parts["activations"] + parts["loss head"] + block + earlier_gradients
+    # The chunk of logits lives during the head's forward; the gradients in flight of one block (as big as what
+    # it keeps) during the backward pass that follows.
+    forward_end = resident + parts["activations"] + head_gradients + max(head_chunk, block) + earlier_gradients
     embedding_gradient = 4 * shape.vocab * shape.hidden if shape.tied_head and not lora else 0
     backward_end = resident - parts["16-bit copies"] + parts["gradients"] + embedding_gradient
     return MemoryPlan(shape, setup, parts, max(forward_end, backward_end), available, where)
@@ -210,15 +214,16 @@ def _activations(shape: ModelShape, s: Setup, block: int, tokens: int) -> int:
     return shape.layers * block + outside
 
 
-def _loss_head(shape: ModelShape, s: Setup, tokens: int, head_trains: bool) -> int:
+def _loss_head(shape: ModelShape, s: Setup, tokens: int, head_trains: bool) -> tuple[int, int]:
+    """(the gradients the head computes in the forward pass and keeps, its temporaries while it computes them)."""
     v, h = shape.vocab, shape.hidden
     a = 2 if s.half else 4
     if not shape.plain_head:  # the model's own logits, their fp32 log-softmax and its gradient
-        return tokens * v * (a + 4 + 4)
+        return tokens * v * (4 + 4), tokens * v * a
     rows = min(tokens, max(1, LOGITS_PER_CHUNK // v))
     chunk = rows * v * (a + (4 + a if s.half else 0))  # the logits buffer (+ its fp32 copy and 16-bit gradient)
     gradients = tokens * h * a + (4 * v * h + (4 * v if shape.head_trains_bias else 0) if head_trains else 0)
-    return chunk + gradients
+    return gradients, chunk
 
 
 def available_memory(device: torch.device) -> int:
@@ -297,3 +302,14 @@ def does_not_fit_message(plan: MemoryPlan) -> str:
                      "memory, or several GPUs with train.strategy: fsdp (train.devices), which shard weights, "
                      "gradients and optimizer state.")
     return "\n".join(lines)
+
+
+def out_of_memory_message(plan: MemoryPlan, saved: str) -> str:
+    """A CUDA out-of-memory error during a session that the plan said fits, as advice; `saved` says what the next
+    session resumes from."""
+    # The estimate fell short on this device: advise settings whose plan needs at least a third less.
+    options = settings_that_fit(plan.shape, plan.setup, int(plan.peak * 2 / 3))
+    advice = ["Settings that need at least a third less memory:", *options] if options else [
+        "Use a device with more memory, or several GPUs with train.strategy: fsdp."]
+    return "\n".join([f"{plan.where} ran out of memory during the session (the memory plan estimated "
+                      f"{size(plan.peak)} of {size(plan.available)} free); {saved}.", *advice])
