@@ -15,7 +15,7 @@ from stages.lib.loss import LossModule
 from stages.lib.memory import GIB, Setup, model_shape, plan_memory, settings_that_fit
 from stages.lib.model import new_model_config
 from stages.lib.params import ModelParams
-from train_helpers import EOS_ID, PAD_ID, TINY, VOCAB, checkpoint_step, make_workspace, session
+from train_helpers import EOS_ID, PAD_ID, REPO, TINY, VOCAB, checkpoint_step, make_workspace, session
 
 SMALL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3,
          "num_attention_heads": 4, "max_position_embeddings": 256}
@@ -83,6 +83,22 @@ def test_phi_2_full_fine_tune_does_not_fit_a_t4_at_any_batch_size_and_lora_does(
     a100 = Setup(4, 2048, grad_accum=4, precision="bf16", activation_checkpointing=True)
     assert plan_memory(shape, a100, 80 * GIB).fits()
     assert not plan_memory(shape, Setup(4, 2048, grad_accum=4, precision="bf16"), 80 * GIB).fits()
+
+
+def test_the_readmes_phi_2_table_is_what_the_plan_computes():
+    shape, readme = model_shape(PhiConfig(**PHI_2)), (REPO / "README.md").read_text()
+    rows = [("T4, 15 GiB", 15, Setup(1, 2048, precision="fp16"), "does not fit"),
+            ("T4, 15 GiB", 15, Setup(1, 2048, precision="fp16", activation_checkpointing=True), "does not fit"),
+            ("T4, 15 GiB", 15, Setup(4, 2048, precision="fp16", activation_checkpointing=True, lora_r=16), "fits"),
+            ("A100, 40 GiB", 40, Setup(4, 2048, precision="bf16", activation_checkpointing=True), "does not fit"),
+            ("A100/H100, 80 GiB", 80, Setup(1, 2048, precision="bf16"), "fits"),
+            ("A100/H100, 80 GiB", 80, Setup(16, 2048, precision="bf16", activation_checkpointing=True), "fits")]
+    for gpu, gib, setup, verdict in rows:
+        plan = plan_memory(shape, setup, gib * GIB)
+        line = next(line for line in readme.splitlines() if line.startswith(f"| {gpu} |") and
+                    f"batch {setup.batch_size}" in line and ("checkpointing" in line) == setup.activation_checkpointing)
+        assert f"| {memory.size(plan.peak)} | {verdict}" in line, line
+        assert plan.fits() == (verdict == "fits")
 
 
 def test_each_setting_that_saves_memory_shrinks_the_plan():
