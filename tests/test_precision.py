@@ -12,7 +12,7 @@ from stages.lib.files import write_atomically
 from stages.lib.model import new_model
 from stages.lib.params import ModelParams
 from stages.lib.precision import LossScaler, pick_precision, precision_for
-from train_helpers import make_workspace, read_tsv, session
+from train_helpers import make_workspace, read_tsv, run_stage, session
 
 T4, V100, P100, GTX1080, A100, H100 = (7, 5), (7, 0), (6, 0), (6, 1), (8, 0), (9, 0)
 
@@ -77,19 +77,23 @@ def backward(model, scaler, factor=1.0):
     scaler.scale(loss * factor).backward()
 
 
+def grad_norm(model):
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
 def test_a_step_with_inf_gradients_is_skipped_counted_and_halves_the_scale():
     model, optimizer = tiny_model_and_optimizer()
     scaler = LossScaler(enabled=True, device_type="cpu")
     backward(model, scaler)
     scaler.unscale(optimizer)
-    assert scaler.step(optimizer)  # a clean first step creates the optimizer state
+    assert scaler.step(optimizer, grad_norm(model))  # a clean first step creates the optimizer state
     optimizer.zero_grad()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
 
     backward(model, scaler, factor=float("inf"))
     scaler.unscale(optimizer)
-    assert not scaler.step(optimizer)
+    assert not scaler.step(optimizer, grad_norm(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights untouched
     for i, state in optimizer.state_dict()["state"].items():  # so are the moments and the step count
         assert all(torch.equal(moments[i][k], v) for k, v in state.items())
@@ -199,3 +203,18 @@ def test_precision_changes_between_sessions_of_one_run_and_master_state_stays_fp
         torch.testing.assert_close(value, reference[name], rtol=0.05, atol=5e-3, msg=name)
     losses = [[float(v) for _, v in read_tsv(r, "train/loss")] for r in (root, fp16_run)]
     assert losses[0] == pytest.approx(losses[1], rel=0.02)
+
+
+def test_fp16_sharded_over_two_fsdp_processes_skips_the_steps_one_process_skips(tmp_path):
+    batch = {"batch_size": 4, "total_step_budget": 8}
+    one, two = make_workspace(tmp_path / "one"), make_workspace(tmp_path / "two")
+    for root in (one, two):
+        session(root, precision="fp16", steps_today=2, grad_accum=2, **batch)
+        set_loss_scale(root, 2, 2.0 ** 21)  # the next step overflows, on one process as on two
+    session(one, precision="fp16", steps_today=6, grad_accum=2, **batch)
+    done = run_stage(two, precision="fp16", steps_today=6, grad_accum=1, devices=2, strategy="fsdp", **batch)
+    assert done.returncode == 0, done.stderr
+    assert scaler_state(two, 8) == scaler_state(one, 8) and scaler_state(one, 8)["skipped_steps"] == 1
+    a, b = (load_file(checkpoint(root, 8) / "model.safetensors") for root in (one, two))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)

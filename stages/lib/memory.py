@@ -79,16 +79,24 @@ def model_shape(config) -> ModelShape:
     blocks = transformer_blocks(model)
     head = model.get_output_embeddings()
     hidden, heads = config.hidden_size, config.num_attention_heads
+    parameters = sum(p.numel() for p in model.parameters())
     return ModelShape(
-        family=config.model_type, parameters=sum(p.numel() for p in model.parameters()),
-        block_parameters=sum(p.numel() for b in blocks for p in b.parameters()), layers=len(blocks),
+        family=config.model_type, parameters=parameters,
+        block_parameters=sum(p.numel() for b in blocks for p in b.parameters()) if blocks else parameters,
+        layers=len(blocks) or config.num_hidden_layers,
         hidden=hidden, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
         head_dim=getattr(config, "head_dim", None) or hidden // heads, vocab=config.vocab_size,
         plain_head=has_plain_head(model), head_trains_bias=getattr(head, "bias", None) is not None,
         linear_dims=sum(sum(m.weight.shape) for b in blocks for m in b.modules()
                         if type(m).__name__ in ("Linear", "Conv1D")),
-        block=_block_structure(blocks[0], config), tied_head=head.weight is model.get_input_embeddings().weight)
+        block=_block_structure(blocks[0], config) if blocks else LLAMA_BLOCK,
+        tied_head=head.weight is model.get_input_embeddings().weight)
+
+
+# For a family whose blocks HuggingFace does not name (_no_split_modules): the most common structure.
+LLAMA_BLOCK = Block(attention_inputs=3, mlp_inputs=2, gated=True, norms=2, rms_norm=True, activation_tensors=1,
+                    dropout_masks=0)
 
 
 def _block_structure(block: torch.nn.Module, config) -> Block:

@@ -116,16 +116,21 @@ class LossScaler:
         if self.enabled:
             self.grad_scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """The optimizer step, unless the gradients hold an inf or a nan; then the scale is updated. True when the
-        step was taken."""
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> bool:
+        """The optimizer step, unless the gradients hold an inf or a nan; then the scale's update. True when the
+        step was taken.
+
+        `grad_norm`: the norm of all the unscaled gradients (every process's shards), inf or nan exactly when one of
+        them is. Deciding from it rather than through GradScaler.step keeps every process's decision the same and
+        works with fused AdamW under FSDP, whose sharded scaler hands the fused kernel an inf flag it rejects.
+        """
         if not self.enabled:
             optimizer.step()
             return True
-        before = self.grad_scaler.get_scale()
-        self.grad_scaler.step(optimizer)
-        self.grad_scaler.update()
-        taken = self.grad_scaler.get_scale() >= before  # the scale backs off exactly when the step was skipped
+        taken = bool(torch.isfinite(grad_norm))
+        if taken:
+            optimizer.step()
+        self.grad_scaler.update()  # from the inf checks `unscale` recorded: back off, or count a clean step
         self.skipped_steps += not taken
         return taken
 

@@ -167,29 +167,33 @@ class Session:
         batches = self.batches.step_batches(step)
         # The loss is a mean over the counted tokens of the whole global batch, every process's included.
         counted = max(1, int(self.world.sum(counted_tokens(batches))))
-        # DDP and FSDP average the gradients over the processes: scaling by their number makes that a sum, so the
-        # gradient is the one one process would get for the whole global batch.
-        scale = self.world.size
         on_device = [self._to_device(inputs, labels) for inputs, labels in batches]  # copies queued up front
         total = torch.zeros((), device=self.device)
         for i, (inputs, labels) in enumerate(on_device):
             with self.parallel.gradient_sync(last_micro_step=i == len(on_device) - 1):
                 with self.precision.autocast():
                     loss_sum = self.parallel.forward(inputs, labels)
-                self.scaler.scale((loss_sum * scale if scale > 1 else loss_sum) / counted).backward()
+                self.scaler.scale(loss_sum / counted).backward()
             total += loss_sum.detach()
         self.scaler.unscale(self.optimizer)  # fp16: gradients at their true size before clipping and the norm
-        params = self.model.parameters()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.world.size > 1:
+            # DDP and FSDP average the gradients over the processes: times their number that is the sum, the
+            # gradient one process would get for the whole global batch. Scaling here, not the loss, keeps a
+            # process's backward pass at one process's magnitudes, so fp16 overflows where one process would.
+            for p in params:
+                p.grad.mul_(self.world.size)
         if self.train.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = full_value(grad_norm)
         lr = lr_at(step, self.plan.total_steps, self.train.lr, self.train.min_lr, self.train.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient is inf or nan; the batch is used all the same
+        self.scaler.step(self.optimizer, grad_norm)  # fp16: skipped for an inf or nan gradient; the batch is used
         self.optimizer.zero_grad(set_to_none=True)
-        loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), full_value(grad_norm).item()
+        loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), grad_norm.item()
         return loss, grad_norm, time.perf_counter() - began
 
     def _to_device(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
