@@ -5,14 +5,16 @@ step when resuming far into a run.
     python bench/bench_train.py                      # both configs, 3 interleaved rounds (on a GPU if there is one)
     python bench/bench_train.py --configs gpt2-16m --rounds 5 --steps 3
     python bench/bench_train.py --device cpu --startup-only
+    python bench/bench_train.py --configs gpt2-16m,gpt2-124m --no-startup --compile   # on a GPU
 
 Everything runs on random token data in a temporary folder. Each round times, in the same process and one after
-the other, a matmul peak (torch.mm: 2048 x 2048 fp32 on CPU, 8192 x 8192 bf16 on a GPU), our training step
-(`Session.step`: chunked loss, fused AdamW, clipping; bf16 autocast on GPUs) and the baseline
-(`model(input_ids, labels=...)`, default AdamW, clipping, the same autocast), so a machine whose load changes affects
-all three alike; medians are reported. Model FLOPs per token = 6N + 12 * L * H * Q * T (N parameters, L layers,
-H heads, Q head size, T context). MFU = model FLOP/s / the GPU's dense bf16 peak from its data sheet (GPU_PEAK_TFLOPS,
-by device name), or the measured matmul peak for a card not in the table.
+the other, a matmul peak (torch.mm in the loop's compute type: 2048 x 2048 on CPU, 8192 x 8192 on a GPU), our
+training step (`Session.step`: chunked loss, fused AdamW, clipping; autocast as train.precision picks it) and the
+baseline (`model(input_ids, labels=...)`, default AdamW, clipping, the same autocast), so a machine whose load
+changes affects all three alike; medians are reported. Model FLOPs per token = 6N + 12 * L * H * Q * T (N
+parameters, L layers, H heads, Q head size, T context). MFU = model FLOP/s / the GPU's dense 16-bit peak from its data sheet
+(GPU_PEAK_TFLOPS, by device name), or the measured matmul peak for a card not in the table. `--precision fp16`
+times fp16 autocast with loss scaling (both loops), as on a T4 or V100.
 """
 
 import argparse
@@ -47,6 +49,11 @@ CONFIGS = {
     "gpt2-16m": {"vocab": 50257, "train": {"model": {"n_layer": 4, "hidden_size": 256, "n_head": 4,
                                                      "max_position_embeddings": 256},
                                            "seq_len": 256, "batch_size": 8}},
+    # GPT-2 small's size (12 layers, 768 wide, 12 heads, context 1024, its vocabulary) in the Llama style: a gated
+    # MLP 2,048 wide keeps it at 124M parameters. For GPUs: on a CPU a step takes minutes.
+    "gpt2-124m": {"vocab": 50257, "train": {"model": {"n_layer": 12, "hidden_size": 768, "n_head": 12,
+                                                      "intermediate_size": 2048, "max_position_embeddings": 1024},
+                                            "seq_len": 1024, "batch_size": 16}},
 }
 
 
@@ -69,20 +76,22 @@ def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0) -> None
     write_meta(tokens, meta)
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by a part of the device name;
-# the first match wins, so the more specific names come first.
+# Dense 16-bit tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by a part of the device name:
+# bf16, or fp16 on the cards without native bf16 (T4, V100; the P100 has no tensor cores). The first match wins,
+# so the more specific names come first.
 GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
-                   ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0)]
+                   ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+                   ("T4", 65.0), ("V100", 125.0), ("P100", 18.7)]
 
 
 def gpu_peak_tflops(name: str) -> float | None:
-    """The data-sheet dense bf16 peak of the GPU called `name` (torch.cuda.get_device_name), or None."""
+    """The data-sheet dense 16-bit peak of the GPU called `name` (torch.cuda.get_device_name), or None."""
     return next((peak for part, peak in GPU_PEAK_TFLOPS if part in name), None)
 
 
-def matmul_gflops(device: torch.device, repeats: int = 3) -> float:
-    """Measured torch.mm throughput in GFLOP/s (best of `repeats`): fp32 on CPU, bf16 on a GPU."""
-    size, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Measured torch.mm throughput in GFLOP/s (best of `repeats`) in `dtype`, the loop's compute type."""
+    size = 2048 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
@@ -112,11 +121,12 @@ def flops_per_token(model, seq_len: int) -> float:
 
 
 class Baseline:
-    """The nanoGPT-like loop: the model's own forward with labels, default AdamW, clipping."""
+    """The nanoGPT-like loop: the model's own forward with labels, default AdamW, clipping (and GradScaler in fp16)."""
 
-    def __init__(self, model, train, batches: TrainBatches, device: torch.device, autocast):
+    def __init__(self, model, train, batches: TrainBatches, device: torch.device, precision):
         self.model, self.train, self.batches = model.to(device), train, batches
-        self.device, self.autocast = device, autocast
+        self.device, self.autocast = device, precision.autocast
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scales_loss)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
                                            weight_decay=train.weight_decay)
 
@@ -128,18 +138,22 @@ class Baseline:
             shifted = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1).to(self.device)
             with self.autocast():
                 loss = self.model(input_ids=window, labels=shifted).loss
-            (loss / self.train.grad_accum).backward()
+            self.scaler.scale(loss / self.train.grad_accum).backward()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict:
+def bench_loop(name: str, rounds: int, steps: int, device: torch.device, precision: str = "auto",
+               compile: bool = False) -> dict:
     """Interleaved rounds of peak / ours / baseline for one config; returns the medians."""
     spec = CONFIGS[name]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train = parse_params({"train": {**spec["train"], "device": device.type}}).train
+        train = parse_params({"train": {**spec["train"], "device": device.type, "precision": precision,
+                                        "compile": compile}}).train
         make_workspace(root, spec["vocab"], n_tokens=max(200_000, 50 * train.seq_len * train.batch_size))
         tokens = root / "data" / "tokens"
         windows = split_windows(tokens, "train", train.seq_len, required=True)
@@ -148,18 +162,18 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict
                                   root / "recovery", False, 1)
         batches = TrainBatches(windows, train.seed, train.batch_size, train.grad_accum)
         world = World(device=device)
-        trainee = build_trainee(train, decision, world, root / "outputs" / "live")
+        precision = pick_precision(train.precision, device)
+        trainee = build_trainee(train, decision, world, root / "outputs" / "live", precision)
         ours_model = trainee.parallel.model
-        ours = Session(train, decision, trainee, pick_precision(train.precision, device), batches, None,
-                       time.monotonic(), root / "recovery")
+        ours = Session(train, decision, trainee, precision, batches, None, time.monotonic(), root / "recovery")
         base = Baseline(build_model(train, decision.vocab_size, decision.special_ids), train, batches, device,
-                        ours.precision.autocast)
+                        ours.precision)
         per_token = flops_per_token(ours_model, train.seq_len)
         tokens = batches.samples_per_step * train.seq_len
         ours.step(0), base.step(0)  # warm-up: first-call allocations
         times = {"peak": [], "ours": [], "baseline": []}
         for r in range(rounds):
-            times["peak"].append(matmul_gflops(device))
+            times["peak"].append(matmul_gflops(device, precision.autocast_dtype or torch.float32))
             for loop, run in (("ours", ours), ("baseline", base)):
                 times[loop].append(statistics.median(_timed(lambda s=s: run.step(s), device)
                                                      for s in range(1, steps + 1)))
@@ -248,6 +262,9 @@ def main() -> None:
     parser.add_argument("--no-startup", action="store_true")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the loops run (auto: a GPU when there is one); the startup benchmark uses the CPU")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="train.precision of our loop (auto: bf16 on GPUs with native bf16, fp16 on older ones)")
+    parser.add_argument("--compile", action="store_true", help="train.compile: true for our loop")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); on a busy machine 1 thread gives steadier figures")
     args = parser.parse_args()
@@ -260,7 +277,7 @@ def main() -> None:
     results = {"loops": [], "startup": None}
     if not args.startup_only:
         for name in args.configs.split(","):
-            results["loops"].append(bench_loop(name, args.rounds, args.steps, device))
+            results["loops"].append(bench_loop(name, args.rounds, args.steps, device, args.precision, args.compile))
     if not args.no_startup:
         results["startup"] = bench_startup(args.far_step, args.startup_repeats)
     for r in results["loops"]:

@@ -20,6 +20,7 @@ The story of a session, and where each part lives:
 """
 
 import contextlib
+import os
 import random
 import sys
 import time
@@ -31,6 +32,7 @@ import torch
 
 from stages.lib import checkpoint as ckpt
 from stages.lib import checkpoint_store as store
+from stages.lib import memory
 from stages.lib.batches import TrainBatches, split_windows
 from stages.lib.decision import Decision, Inputs, decide
 from stages.lib.devices import pick_device
@@ -39,10 +41,10 @@ from stages.lib.export import export_model
 from stages.lib.hashing import model_digest
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.live_logs import has_logs
-from stages.lib.model import build_model, tied_names
+from stages.lib.model import build_model, checkpoint_activations, model_config, tied_names
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
-from stages.lib.precision import pick_precision
+from stages.lib.precision import LossScaler, Precision, pick_precision
 from stages.lib.schedule import session_end
 from stages.lib.session import Session, SessionResult
 from stages.lib.token_files import read_meta
@@ -104,16 +106,18 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
             return _budget_spent(train, decision, tokenizer_dir, export_dir, trust_remote_code)
         return SessionResult(start, start, stopped_by="nothing-to-do")
 
-    trainee = build_trainee(train, decision, world, live_dir)
-    batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
-    precision = pick_precision(train.precision, world.device)
-    session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
-    end = session_end(start, total, train.steps_today)
-    if world.is_main:
-        parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
-        print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} on "
-              f"{world.describe(train.strategy)} ({precision.name}), {parameters:,} parameters")
-    result = session.run(start, end)
+    precision = pick_precision(train.precision, world.device, warn=world.is_main)
+    memory_plan = check_memory(train, decision, world, precision)
+    with out_of_memory_as_advice(memory_plan, Path(train.checkpoint_dir)):
+        trainee = build_trainee(train, decision, world, live_dir, precision)
+        batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
+        session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
+        end = session_end(start, total, train.steps_today)
+        if world.is_main:
+            parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
+            print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
+                  f"on {world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters")
+        result = session.run(start, end)
     if result.trained and world.is_main:
         export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir, trust_remote_code)
         print(f"exported the model at step {result.end_step} to {export_dir}/")
@@ -149,12 +153,52 @@ def _tokenizer_facts(tokenizer_dir: Path, trust_remote_code: bool, meta: dict) -
     return max(len(tokenizer), meta["vocab_size"]), special
 
 
-def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir: Path) -> ckpt.Trainee:
-    """The run's model and optimizer on this process, wrapped for the processes, with the checkpoint restored."""
+def check_memory(train: TrainParams, decision: Decision, world: World,
+                 precision: Precision) -> memory.MemoryPlan:
+    """The session's memory plan from the model's config, printed before anything is loaded; a UserError naming
+    settings that would fit when it does not fit the device's free memory."""
+    shape = memory.model_shape(model_config(train, decision.vocab_size, decision.special_ids))
+    setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
+                         train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1)
+    free = memory.available_memory(world.device)
+    if world.device.type == "cpu":  # the processes of this machine share its memory
+        free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    plan = memory.plan_memory(shape, setup, free, _device_name(world.device))
+    if world.is_main:
+        print("\n".join(plan.lines()))
+    if world.max([float(not plan.fits())])[0]:  # any process short of memory stops them all
+        raise UserError(memory.does_not_fit_message(plan))
+    return plan
+
+
+@contextlib.contextmanager
+def out_of_memory_as_advice(plan: memory.MemoryPlan, checkpoint_dir: Path):
+    """A CUDA out-of-memory error in the block becomes a UserError: what was saved, and settings that need less."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        found = store.find(checkpoint_dir, store.RECOVERY_DIR).checkpoints
+        saved = (f"the checkpoint at step {found[0].step} in {found[0].path.parent} is untouched and the next "
+                 "session resumes from it" if found else "no checkpoint was written")
+        raise UserError(memory.out_of_memory_message(plan, saved)) from None
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir: Path,
+                  precision: Precision) -> ckpt.Trainee:
+    """The run's model, optimizer and loss scaler on this process, wrapped for the processes, with the checkpoint
+    restored."""
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids)
+    model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
+    if train.activation_checkpointing:
+        checkpoint_activations(model)
     parallel = parallel_model(model, world, train.strategy, train.compile)
-    trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir)
+    scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
+    trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler)
     if decision.resume is not None:
         ckpt.restore(decision.resume, trainee)
     return trainee

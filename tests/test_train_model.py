@@ -68,6 +68,22 @@ def test_chunk_size_does_not_change_the_result_and_masked_rows_do_not_count():
     assert results[0][1][::5].abs().max() == 0  # rows whose label is -100 get no gradient
 
 
+def test_a_biased_head_chunked_equals_the_plain_cross_entropy_with_every_gradient():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, bias = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((50, 8), (30, 8), (30,)))
+    labels = torch.randint(0, 30, (50,), generator=g)
+    labels[::4] = IGNORE_INDEX
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.t() + bias, labels, ignore_index=IGNORE_INDEX,
+                                              reduction="sum")
+    expected = [plain.item(), *torch.autograd.grad(plain * 0.5, (hidden, weight, bias))]
+    for chunk_rows in (1, 7, 64):
+        loss = head_loss_sum(hidden, weight, labels, chunk_rows=chunk_rows, bias=bias)
+        grads = torch.autograd.grad(loss * 0.5, (hidden, weight, bias))
+        assert loss.item() == pytest.approx(expected[0], rel=1e-5)
+        for got, want in zip(grads, expected[1:]):
+            torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_a_batch_with_no_counted_target_gives_every_parameter_a_zero_gradient(tie):
     model = tiny_model(tie=tie)
@@ -107,6 +123,9 @@ def test_fine_tuning_grows_a_smaller_vocabulary_and_rejects_a_too_long_context(t
     model = pretrained_model(str(tmp_path / "base"), VOCAB, seq_len=16, seed=0)
     assert model.get_input_embeddings().num_embeddings == VOCAB
     assert model.get_output_embeddings().weight.shape[0] == VOCAB
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights
+    frozen_base = pretrained_model(str(tmp_path / "base"), VOCAB, seq_len=16, seed=0, dtype=torch.bfloat16)
+    assert {p.dtype for p in frozen_base.parameters()} == {torch.bfloat16}
     with pytest.raises(UserError, match=r"train\.seq_len = 32 is above the 16 positions"):
         pretrained_model(str(tmp_path / "base"), VOCAB, seq_len=32, seed=0)
     with pytest.raises(UserError, match=r"train\.init_from = .*no config\.json"):

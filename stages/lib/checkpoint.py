@@ -6,6 +6,8 @@ functions, and nothing in it is a pickle:
 - `optimizer`: `optimizer.safetensors` (every state tensor, named `<parameter index>.<name>`) and
   `optimizer.json` (the parameter groups and any state that is not a tensor);
 - `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
+- `scaler`: `scaler.json`, fp16's loss scale and the run's count of skipped steps (stages/lib/precision.py; absent
+  from checkpoints of sessions with no loss scaler);
 - `logs`: `live/`, the DVCLive logs as of this step, so a session resuming from this checkpoint gets back the rows
   that went with it (`dvc exp run` restores the logs DVC recorded, which may be older);
 and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprint and the
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding che
     import torch
 
     from stages.lib.parallel import ParallelModel
+    from stages.lib.precision import LossScaler
     from stages.lib.world import World
 
 FORMAT_VERSION = 2
@@ -77,6 +80,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     world: World
     live_dir: Path
+    scaler: LossScaler | None = None  # fp16's loss scaler (disabled in the other modes); None: not saved
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,22 @@ def _restore_optimizer(t: Trainee, state: dict | None) -> None:
     full_state.spread_optimizer(t.parallel, t.optimizer, t.world, state)
 
 
+def _write_scaler(state: dict | None, folder: Path) -> None:
+    if state is not None:
+        _write_json(state, folder / "scaler.json")
+
+
+def _read_scaler(folder: Path, version: int) -> dict | None:
+    path = folder / "scaler.json"
+    return _reading(path, _read_json) if path.exists() else None  # absent: saved without a loss scaler
+
+
+def _restore_scaler(t: Trainee, state: dict | None) -> None:
+    state = t.world.share(state)
+    if state is not None and t.scaler is not None:
+        t.scaler.load_state_dict(state)
+
+
 def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
     # The workspace logs behind this checkpoint (restored older by `dvc exp run`): take the snapshot's instead.
     if t.world.is_main and snapshot is not None and live_logs.restore_logs(snapshot, t.live_dir):
@@ -179,6 +199,8 @@ PARTS = (
          lambda data, folder: _write_json(data, folder / "rng.json", indent=None),
          lambda folder, version: _reading(folder / "rng.json", _read_json),
          lambda t, data: set_rng_state(t.world.share(data))),
+    Part("scaler", (), lambda t: t.scaler.state_dict() if t.world.is_main and t.scaler else None,
+         _write_scaler, _read_scaler, _restore_scaler),
     Part("logs", (), lambda t: t.live_dir if t.world.is_main else None,
          lambda live_dir, folder: live_logs.snapshot_logs(live_dir, folder / "live"),
          lambda folder, version: folder / "live" if (folder / "live").is_dir() else None, _restore_logs),

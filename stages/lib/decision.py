@@ -9,8 +9,8 @@ process receives the same Decision (as JSON), and the session runs it without de
 Resume (`train.resume`): `auto` resumes a matching checkpoint and otherwise starts a new run, naming the settings
 that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a session can
 change between sessions: steps_today, minutes_today, save_every, eval_every, eval_batches, compile, device,
-precision, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their product (the global batch)
-stays the same. Resuming on another number of processes with the same batch settings keeps the run's global batch
+precision, activation_checkpointing, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their
+product (the global batch) stays the same. Resuming on another number of processes with the same batch settings keeps the run's global batch
 by changing grad_accum for the session (or says which batch_size and grad_accum would).
 """
 

@@ -1,7 +1,8 @@
 """The training loss: summed masked cross-entropy, computed from the last hidden states in chunks of rows.
 
 The full (tokens x vocabulary) logits and their gradient never exist at once: on a 16M-parameter model with the
-GPT-2 vocabulary they would be 2 x 412 MB per step, and the vocabulary head is most of the compute.
+GPT-2 vocabulary they would be 2 x 412 MB per step, and the vocabulary head is most of the compute. A head with a
+bias (Phi's) is computed the same way, the bias added to each chunk's logits.
 `LossModule` puts the model and this loss into one module, which is what DDP wraps and FSDP shards.
 """
 
@@ -27,7 +28,7 @@ def make_loss_fn(model: PreTrainedModel, compile: bool = False) -> Callable[[tor
         body = torch.compile(model.base_model) if compile else model.base_model
         head = model.get_output_embeddings()
         return lambda inputs, labels: head_loss_sum(
-            body(input_ids=inputs, use_cache=False).last_hidden_state, head.weight, labels)
+            body(input_ids=inputs, use_cache=False).last_hidden_state, head.weight, labels, bias=head.bias)
     full = torch.compile(model) if compile else model
 
     def plain_loss(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,8 @@ class LossModule(torch.nn.Module):
 
 
 def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                  chunk_rows: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `labels`, row chunk by row chunk.
+                  chunk_rows: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, row chunk by row chunk.
 
     Only rows whose label counts are computed. With gradients wanted, each chunk's gradient is computed right
     after its loss (softmax minus one-hot), so no logits are kept for the backward pass.
@@ -70,46 +71,50 @@ def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     if len(rows) == 0:
         # No target counts: a zero loss that still reaches every parameter (the head too), so each gets a zero
         # gradient; DDP waits for a gradient of every parameter on every process and would hang without one.
-        return (hidden.sum() + weight.sum()) * 0.0
+        return (hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0.0)) * 0.0
     chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // weight.shape[0])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _HeadLoss.apply(hidden, weight, labels, chunk_rows)
-    return _head_loss_and_grads(hidden, weight, labels, chunk_rows, want_grads=False)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _HeadLoss.apply(hidden, weight, labels, chunk_rows, bias)
+    return _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, want_grads=False)[0]
 
 
 class _HeadLoss(torch.autograd.Function):
     """Loss forward with its gradients computed alongside; backward only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows):
-        loss, ctx.grad_hidden, ctx.grad_weight = _head_loss_and_grads(hidden, weight, labels, chunk_rows, True)
+    def forward(ctx, hidden, weight, labels, chunk_rows, bias):
+        loss, *ctx.grads = _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, True)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         # In place: these tensors belong to this call alone, and a copy would be one more vocabulary-sized buffer.
-        grad_hidden = ctx.grad_hidden.mul_(grad_loss.to(ctx.grad_hidden.dtype))
-        grad_weight = ctx.grad_weight.mul_(grad_loss.to(ctx.grad_weight.dtype))
-        ctx.grad_hidden = ctx.grad_weight = None
-        return grad_hidden, grad_weight, None, None
+        grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+        ctx.grads = None
+        return grad_hidden, grad_weight, None, None, grad_bias
 
 
-def _head_loss_and_grads(hidden, weight, labels, chunk_rows, want_grads):
+def _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, want_grads):
     # Under bf16 autocast the matmuls run in bf16 and the softmax in fp32; autocast is switched off inside so the
     # casts are explicit (in-place accumulation is not autocast).
     device_type = hidden.device.type
     mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     with torch.autocast(device_type, enabled=False):
         h_all, w = hidden.to(mm_dtype), weight.to(mm_dtype)
+        b = bias.to(mm_dtype) if bias is not None else None
         # One logits buffer reused by every chunk: a fresh chunk-sized allocation each time is a fresh mmap, and
         # its page faults, for glibc malloc on CPU.
         buffer = torch.empty(min(chunk_rows, len(labels)), w.shape[0], dtype=mm_dtype, device=w.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grads else None
         grad_weight = None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_grads and bias is not None else None
         for start in range(0, len(labels), chunk_rows):
             h, y = h_all[start:start + chunk_rows], labels[start:start + chunk_rows]
-            logits = torch.mm(h, w.t(), out=buffer[:len(y)]).float()
+            if b is None:
+                logits = torch.mm(h, w.t(), out=buffer[:len(y)]).float()
+            else:  # addmm, as nn.Linear computes it
+                logits = torch.addmm(b, h, w.t(), out=buffer[:len(y)]).float()
             # log-sum-exp and softmax from one pass of exp, in place: loss = log(sum(exp(z - max))) - (z_y - max).
             logits.sub_(logits.amax(dim=1, keepdim=True))
             target = logits.gather(1, y[:, None])
@@ -119,6 +124,8 @@ def _head_loss_and_grads(hidden, weight, labels, chunk_rows, want_grads):
                 continue
             probs = logits.div_(sums)  # softmax
             probs[torch.arange(len(y), device=y.device), y] -= 1.0  # minus the one-hot target
+            if grad_bias is not None:
+                grad_bias += probs.sum(dim=0)
             g = probs.to(mm_dtype)
             grad_hidden[start:start + chunk_rows] = g @ w
             if grad_weight is None:
@@ -129,4 +136,5 @@ def _head_loss_and_grads(hidden, weight, labels, chunk_rows, want_grads):
                 grad_weight += (g.t() @ h).float()
     if want_grads:
         grad_weight = grad_weight.to(weight.dtype)
-    return loss, grad_hidden, grad_weight
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+    return loss, grad_hidden, grad_weight, grad_bias

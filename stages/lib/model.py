@@ -1,21 +1,24 @@
 """Model families: a new small Llama, or a pretrained HuggingFace folder, and the facts about a family that the rest
 of the code relies on (whether its logits are a plain linear head, its repeated blocks, its tied weights).
 
-Adding a model family means looking here first: a family whose head is plain linear joins PLAIN_HEAD_MODELS, and
-the chunked loss (stages/lib/loss.py) then computes exactly what the family's own forward would.
+Adding a model family means looking here first: a family whose head is plain linear (with or without a bias) joins
+PLAIN_HEAD_MODELS, and the chunked loss (stages/lib/loss.py) then computes exactly what the family's own forward
+would.
 """
 
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel
 
 from stages.lib.errors import UserError
 from stages.lib.params import ModelParams, TrainParams
 
-# Model families whose logits are exactly `lm_head(last hidden state)` (no bias, scaling or soft-capping), so the
-# chunked loss computes the same thing as their own forward. Others fall back to the model's own logits.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "smollm3"}
+# Model families whose logits are exactly `lm_head(last hidden state)`, an nn.Linear (Phi's has a bias; no scaling
+# or soft-capping), so the chunked loss computes the same thing as their own forward. Others fall back to the
+# model's own logits.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2",
+                     "smollm3"}
 
 
 def build_model(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTrainedModel:
@@ -28,24 +31,43 @@ def build_model(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTr
     return model
 
 
-def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> PreTrainedModel:
-    """A freshly initialised Llama-style model of the size in `train.model`, identical for the same seed."""
-    config = LlamaConfig(
+def model_config(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTrainedConfig:
+    """The config of the run's model, read or built without loading a weight (what the memory plan starts from)."""
+    if not train.init_from:
+        return new_model_config(train.model, vocab_size, special_ids)
+    _check_model_folder(train.init_from)
+    config = AutoConfig.from_pretrained(train.init_from)
+    config.vocab_size = max(config.vocab_size, vocab_size)  # as `pretrained_model` grows it
+    return config
+
+
+def new_model_config(p: ModelParams, vocab_size: int, special_ids: dict) -> LlamaConfig:
+    """The config of a new Llama-style model of the size in `train.model`."""
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size or 4 * p.hidden_size,
         num_hidden_layers=p.n_layer, num_attention_heads=p.n_head, num_key_value_heads=p.n_head,
         max_position_embeddings=p.max_position_embeddings, tie_word_embeddings=p.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": p.rope_theta}, use_cache=False, **special_ids)
+
+
+def new_model(p: ModelParams, vocab_size: int, special_ids: dict, seed: int) -> PreTrainedModel:
+    """A freshly initialised Llama-style model of the size in `train.model`, identical for the same seed."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(new_model_config(p, vocab_size, special_ids), dtype=torch.float32,
+                                            attn_implementation="sdpa")
 
 
-def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> PreTrainedModel:
-    """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller."""
-    if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
-                        "folder (with config.json and model.safetensors)")
+def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
+                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller.
+
+    `dtype`: what the weights are held in, converted as they load (a 16-bit folder is never first made a full fp32
+    copy): fp32 for weights that train, which are the master weights in every precision mode; a base that stays
+    frozen (LoRA) needs only the 16 bits its passes compute in.
+    """
+    _check_model_folder(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as err:  # transformers raises many kinds (bad config, missing or damaged weights, unknown type)
         raise UserError(f"train.init_from = {folder!r}: transformers cannot load a causal language model from it "
                         f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]}). Check that the folder "
@@ -62,11 +84,16 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> P
     return model
 
 
+def _check_model_folder(folder: str) -> None:
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
+                        "folder (with config.json and model.safetensors)")
+
+
 def has_plain_head(model: PreTrainedModel) -> bool:
-    """Whether the logits are just a bias-free linear map of the last hidden state (so chunking is exact)."""
+    """Whether the logits are just a linear map of the last hidden state, plus a bias (so chunking is exact)."""
     head = model.get_output_embeddings()
-    return (model.config.model_type in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear)
-            and head.bias is None)
+    return model.config.model_type in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear)
 
 
 def transformer_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
@@ -76,6 +103,23 @@ def transformer_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
     """
     names = set(getattr(model, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them (activation
+    checkpointing, non-reentrant): the block inputs alone stay in memory, for one more forward pass of compute.
+
+    HuggingFace's own switch: it checkpoints each block's `forward`, so parameter names and FSDP's hooks stay as
+    they are, and the recomputation replays the random state (dropout) of the first pass.
+    """
+    if not model.supports_gradient_checkpointing or not transformer_blocks(model):
+        raise UserError(f"train.activation_checkpointing: this {type(model).__name__} does not support it; set "
+                        "train.activation_checkpointing: false")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers; older ones: the old name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def tied_names(model: torch.nn.Module) -> list[list[str]]:

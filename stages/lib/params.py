@@ -116,7 +116,9 @@ class TrainParams:
     eval_batches: int = _param(8, **_at_least(1))
     seed: int = _param(1337, **_at_least(0))
     resume: Literal["auto", "require", "never"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: bf16 on GPUs with native bf16, fp16 + loss scaling on older GPUs, fp32 on CPU (stages/lib/precision.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass: less memory
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Processes to train on, one per GPU: a number, or "auto" (every visible GPU, 1 on CPU). More than 1 launches

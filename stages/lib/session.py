@@ -24,8 +24,9 @@ from stages.lib.decision import Decision
 from stages.lib.live_logs import open_live
 from stages.lib.parallel import full_value
 from stages.lib.params import TrainParams
-from stages.lib.precision import Precision
+from stages.lib.precision import LossScaler, Precision
 from stages.lib.schedule import lr_at, time_for_another_step
+from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session
 from stages.lib.stop import StopRequest
 
 SAVE_BYTES_PER_SECOND = 100e6  # a cautious disk speed, to reserve time for a save before one has been timed
@@ -88,6 +89,7 @@ class Session:
         self.train, self.decision, self.trainee, self.precision = train, decision, trainee, precision
         self.plan, self.world, self.parallel = decision.plan, trainee.world, trainee.parallel
         self.model, self.optimizer, self.device = trainee.parallel.model, trainee.optimizer, trainee.world.device
+        self.scaler = trainee.scaler or LossScaler(enabled=False, device_type=self.device.type)
         self.batches, self.recovery_dir = batches, recovery_dir
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -117,6 +119,7 @@ class Session:
             return result
         live = open_live(self.trainee.live_dir, start if start > 0 else None) if main else _NoLogs()
         saved = evaluated = step = start
+        skipped_before = self.scaler.skipped_steps
         stop = StopRequest(repeat_window=1.0 if self.world.size > 1 else 0.0, launcher_pid=self.world.launcher_pid)
         with stop, tqdm(total=end - start, desc=f"steps {start}->{end}", unit="step", dynamic_ncols=True,
                         disable=not main) as bar:
@@ -129,6 +132,8 @@ class Session:
                 result.first_step_at = result.first_step_at or time.monotonic()
                 self.timer.step_times.append(seconds)
                 self._log_step(live, step, loss, grad_norm, seconds)
+                if main and step - start == min(PLAN_AFTER_STEPS, end - start):
+                    self._report_plan(live, step, start, end)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_step / seconds:,.0f}", refresh=False)
                 bar.update()
                 if step % self.train.eval_every == 0:
@@ -142,6 +147,8 @@ class Session:
             result.stopped_by = "time"
             if main:
                 print(f"stopping at step {step}: train.minutes_today = {self.train.minutes_today} is nearly used up")
+        if main and self.scaler.enabled:
+            print(self.scaler.describe(step - start, skipped_before))
         if step > start and result.stopped_by != "signal" and evaluated != step:
             self._evaluate(live, step)
         live.make_summary()
@@ -163,28 +170,33 @@ class Session:
         batches = self.batches.step_batches(step)
         # The loss is a mean over the counted tokens of the whole global batch, every process's included.
         counted = max(1, int(self.world.sum(counted_tokens(batches))))
-        # DDP and FSDP average the gradients over the processes: scaling by their number makes that a sum, so the
-        # gradient is the one one process would get for the whole global batch.
-        scale = self.world.size
         on_device = [self._to_device(inputs, labels) for inputs, labels in batches]  # copies queued up front
         total = torch.zeros((), device=self.device)
         for i, (inputs, labels) in enumerate(on_device):
             with self.parallel.gradient_sync(last_micro_step=i == len(on_device) - 1):
                 with self.precision.autocast():
                     loss_sum = self.parallel.forward(inputs, labels)
-                ((loss_sum * scale if scale > 1 else loss_sum) / counted).backward()
+                self.scaler.scale(loss_sum / counted).backward()
             total += loss_sum.detach()
-        params = self.model.parameters()
+        self.scaler.unscale(self.optimizer)  # fp16: gradients at their true size before clipping and the norm
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.world.size > 1:
+            # DDP and FSDP average the gradients over the processes: times their number that is the sum, the
+            # gradient one process would get for the whole global batch. Scaling here, not the loss, keeps a
+            # process's backward pass at one process's magnitudes, so fp16 overflows where one process would.
+            for p in params:
+                p.grad.mul_(self.world.size)
         if self.train.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = full_value(grad_norm)
         lr = lr_at(step, self.plan.total_steps, self.train.lr, self.train.min_lr, self.train.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        self.scaler.step(self.optimizer, grad_norm)  # fp16: skipped for an inf or nan gradient; the batch is used
         self.optimizer.zero_grad(set_to_none=True)
-        loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), full_value(grad_norm).item()
+        loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), grad_norm.item()
         return loss, grad_norm, time.perf_counter() - began
 
     def _to_device(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,11 +206,30 @@ class Session:
 
     def _log_step(self, live, step: int, loss: float, grad_norm: float, seconds: float) -> None:
         live.step = step
-        live.log_metric("train/loss", loss)
+        for name, value in (("train/loss", loss), ("grad_norm", grad_norm)):
+            if math.isfinite(value):  # fp16 can skip a step for an inf norm: JSON has no inf, skipped_steps counts it
+                live.log_metric(name, value)
         live.log_metric("lr", self.optimizer.param_groups[0]["lr"])
-        live.log_metric("grad_norm", grad_norm)
+        if self.scaler.enabled:
+            live.log_metric("skipped_steps", self.scaler.skipped_steps)
+            live.log_metric("loss_scale", self.scaler.current_scale())
         live.log_metric("tokens_per_sec", round(self.tokens_per_step / seconds, 1))
         live.log_metric("tokens_seen", step * self.tokens_per_step)
+
+    def _report_plan(self, live, step: int, start: int, end: int) -> None:
+        """Print and log the session plan (stages/lib/session_plan.py) from the steps timed so far."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        plan = plan_session(step, start, end, self.plan.total_steps, self.timer.step_times, time.monotonic(),
+                            self.timer.deadline, self.timer.reserve(), weights, trained)
+        lines = plan_lines(plan)
+        if self.device.type == "cuda":
+            lines.append(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB "
+                         "(compare the memory plan above)")
+        for line in lines:
+            tqdm.write(line)
+        for name, value in plan_metrics(plan).items():
+            live.log_metric(name, value)
 
     def _evaluate(self, live, step: int) -> int:
         if not self.val:

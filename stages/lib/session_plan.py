@@ -1,0 +1,85 @@
+"""The session plan, printed and logged once the first few steps are timed: seconds per step, when this session will
+end and what ends it, how many more sessions of this length the budget needs, and what each session adds to DVC's
+cache. Pure functions of numbers the session measures; no I/O.
+
+Every session stores a new checkpoint (fp32 weights and AdamW's two moments: 12 bytes per trained parameter) and a
+new export (the weights again) in DVC's cache, and in the remote after `dvc push`, until `dvc gc` reclaims them.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+PLAN_AFTER_STEPS = 5  # steps timed before the plan is made (the first one, with its warm-up, is left out)
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """What the rest of this session and of the run will take, at the pace measured so far."""
+
+    step: int  # the step the plan was made at
+    seconds_per_step: float
+    session_end: int  # the step this session is expected to stop at
+    ends_by: str  # what stops it: budget | steps_today | minutes_today
+    seconds_left: float  # until this session's last step is done
+    total_steps: int
+    sessions_after: int  # further sessions of this length the budget needs (0: this one finishes it)
+    checkpoint_bytes: int
+    export_bytes: int
+
+    @property
+    def cache_bytes_per_session(self) -> int:
+        """What one session adds to DVC's cache: its checkpoint and its export."""
+        return self.checkpoint_bytes + self.export_bytes
+
+
+def plan_session(step: int, start: int, end: int, total: int, step_times: list[float], now: float,
+                 deadline: float, reserve: float, weight_bytes: int, trained_parameters: int) -> SessionPlan:
+    """The plan at `step` of a session that began at `start` and stops at `end` (steps_today / budget) or at the
+    `deadline` (time.monotonic(); inf: none) less the `reserve` its closing eval, save and export need."""
+    timed = step_times[1:] or step_times  # the first step carries the warm-up
+    per_step = sorted(timed)[len(timed) // 2]
+    session_end, ends_by = end, "budget" if end >= total else "steps_today"
+    if math.isfinite(deadline):
+        by_time = step + max(0, int((deadline - now - reserve) / per_step))
+        if by_time < end:
+            session_end, ends_by = by_time, "minutes_today"
+    length = max(1, session_end - start)
+    return SessionPlan(step, per_step, session_end, ends_by, (session_end - step) * per_step, total,
+                       math.ceil((total - session_end) / length), weight_bytes + 8 * trained_parameters,
+                       weight_bytes)
+
+
+def plan_lines(plan: SessionPlan, wall_clock: float | None = None) -> list[str]:
+    """The plan as printed."""
+    at = time.strftime("%H:%M", time.localtime((wall_clock or time.time()) + plan.seconds_left))
+    if plan.ends_by == "budget":
+        outlook = f"it finishes the run's budget of {plan.total_steps} steps"
+    else:
+        more = f"{plan.sessions_after} more session{'s' if plan.sessions_after != 1 else ''}"
+        outlook = f"the budget of {plan.total_steps} steps needs {more} of this length after it"
+    limit = "" if plan.ends_by == "budget" else f", by train.{plan.ends_by}"
+    return [f"session plan at step {plan.step}: {plan.seconds_per_step:.3g} s/step; this session ends at step "
+            f"{plan.session_end} in about {_duration(plan.seconds_left)} (around {at}{limit}); {outlook}",
+            f"each session adds about {_megabytes(plan.cache_bytes_per_session)} to DVC's cache (checkpoint "
+            f"{_megabytes(plan.checkpoint_bytes)}, export {_megabytes(plan.export_bytes)}); `dvc gc` reclaims old "
+            "ones"]
+
+
+def plan_metrics(plan: SessionPlan) -> dict:
+    """The plan's numbers for the logs."""
+    return {"session/seconds_per_step": round(plan.seconds_per_step, 4),
+            "session/sessions_after_this": plan.sessions_after,
+            "session/cache_mb_per_session": round(plan.cache_bytes_per_session / 1e6, 1)}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,83 @@
+"""Memory plan command: what a training session would need, from a model's config alone, and what would fit.
+
+    python -m stages.memory_plan                         # the session params.yaml describes, on this machine
+    python -m stages.memory_plan --config path/to/phi-2 --seq-len 2048 --batch-size 4 --precision fp16 --gib 15
+
+It prints the plan the train stage prints before its first step (stages/lib/memory.py) and, when the plan does not
+fit, the settings that would. Nothing is loaded: the model is built on PyTorch's meta device from its config.json.
+`--gib` plans for a device of that much free memory (a 15 GiB T4, say) instead of this machine's.
+"""
+
+import argparse
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from stages.lib import memory
+from stages.lib.devices import pick_device
+from stages.lib.errors import UserError, run_stage
+from stages.lib.model import model_config
+from stages.lib.params import TOKENIZER_DIR, load_params
+from stages.lib.precision import pick_precision
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the memory plan for the arguments (without --config: the session params.yaml describes)."""
+    args = _parser().parse_args(argv)
+    train = load_params().train if args.config is None else None
+    config = _config(args.config) if args.config else model_config(train, _tokenizer_size(train.init_from), {})
+    device = pick_device(train.device if train else "auto")
+    setup = memory.Setup(
+        batch_size=args.batch_size or (train.batch_size if train else 1),
+        seq_len=args.seq_len or (train.seq_len if train else min(2048, config.max_position_embeddings)),
+        grad_accum=args.grad_accum or (train.grad_accum if train else 1),
+        precision=args.precision or pick_precision(train.precision if train else "auto", device, warn=False).name,
+        activation_checkpointing=args.activation_checkpointing or bool(train and train.activation_checkpointing),
+        lora_r=args.lora_r)
+    free = int(args.gib * memory.GIB) if args.gib else memory.available_memory(device)
+    where = f"a {args.gib:g} GiB device" if args.gib else str(device)
+    plan = memory.plan_memory(memory.model_shape(config), setup, free, where)
+    print("\n".join(plan.lines()))
+    if not plan.fits():
+        print(memory.does_not_fit_message(plan))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a model folder or its config.json; without it, the session params.yaml "
+                                         "describes (train.init_from, or a new model from train.model) and its "
+                                         "settings are the defaults below")
+    parser.add_argument("--seq-len", type=int, help="tokens per window (with --config: 2048 or the model's context)")
+    parser.add_argument("--batch-size", type=int, help="windows per micro-batch (with --config: 1)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per step (with --config: 1)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="what the passes compute in (default: what `auto` picks on this machine; give it when "
+                             "planning for another GPU: fp16 on a T4 or V100, bf16 on an A100 or H100)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--lora-r", type=int, default=0, help="plan LoRA adapters of this rank on a frozen base")
+    parser.add_argument("--gib", type=float, help="free device memory to plan against, in GiB (default: this "
+                                                  "machine's free GPU memory, or its available RAM)")
+    return parser
+
+
+def _config(path: str):
+    """The config in a model folder or a config.json."""
+    path = Path(path)
+    folder = path.parent if path.name == "config.json" else path
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--config {path}: no config.json there; give a HuggingFace model folder or its config.json")
+    return AutoConfig.from_pretrained(folder)
+
+
+def _tokenizer_size(init_from: str) -> int:
+    if TOKENIZER_DIR.is_dir():
+        from transformers import AutoTokenizer
+        return len(AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)))
+    if init_from:
+        return 0  # the model's own vocabulary
+    raise UserError(f"{TOKENIZER_DIR} not found: the new model's vocabulary comes from the tokenizer; run "
+                    "`dvc repro tokenizer` first, or pass --config")
+
+
+if __name__ == "__main__":
+    run_stage(main)
