@@ -117,7 +117,7 @@ def inside(folder: Path):
 
 def session(root: Path, **train_overrides):
     """One in-process session in workspace `root` with TINY plus overrides; returns its SessionResult."""
-    from stages.train import run_session
+    from stages.lib.training import run_session
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:

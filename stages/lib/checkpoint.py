@@ -8,14 +8,15 @@ and loaded by its own functions:
 - `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
 - `logs`: `live/`, the DVCLive logs as of this step, so a session resuming from this checkpoint gets back the rows
   that went with it (`dvc exp run` restores the logs DVC recorded, which may be older);
-and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprint and the
-values behind it. The learning rate needs no saving: it is a function of the step. Adding a part is one entry in
+and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprints and the
+values behind them, and the learning-rate schedule (the rate is a function of the step under it). Adding a part is one entry in
 PARTS. Several processes write the same files: every process takes part in capturing a part (gathering FSDP shards
 to rank 0), rank 0 alone writes and reads, and restoring spreads rank 0's state to all, so any checkpoint resumes on
 any number of processes with either strategy.
 
 It is written into `.tmp-step-...` in the same parent, fsynced, then renamed into place (stages/lib/files.py), so a
-crash leaves either the whole folder or none of it. Only then is the previous checkpoint removed.
+crash leaves either the whole folder or none of it. Only then is the previous checkpoint removed, except the one
+saved where a wsd decay began (`extension_point`), which a longer budget continues from.
 
 Recovery copy: `dvc exp run` first checks out the checkpoint recorded in dvc.lock, which would replace a newer
 one left by a session that crashed before DVC recorded it. So each checkpoint is also hardlinked into
@@ -249,8 +250,8 @@ def _publish(checkpoint_dir: Path, recovery_dir: Path, captured: dict, state: di
         _before_publish(tmp)
         publish_folder(tmp, final)
     mirror(final, recovery_dir)
-    prune(checkpoint_dir, keep=name)
-    prune(recovery_dir, keep=name)
+    for folder in (checkpoint_dir, recovery_dir):
+        prune(folder, keep=name, also_keep=extension_point(folder, state))
     return final
 
 
@@ -304,7 +305,7 @@ def _holds(path: Path, state: dict | None) -> bool:
 def bring_back(checkpoint: Checkpoint, checkpoint_dir: Path) -> Checkpoint:
     """The recovery copy `checkpoint` put back where DVC records it, the older checkpoint there removed."""
     restored = Checkpoint(mirror(checkpoint.path, checkpoint_dir), checkpoint.state)
-    prune(checkpoint_dir, keep=restored.path.name)
+    prune(checkpoint_dir, keep=restored.path.name, also_keep=extension_point(checkpoint_dir, checkpoint.state))
     return restored
 
 
@@ -327,13 +328,23 @@ def mirror(checkpoint: Path, folder: Path) -> Path:
     return target
 
 
-def prune(folder: Path, keep: str) -> None:
-    """Remove every checkpoint and leftover temporary folder in `folder` except `keep`."""
+def prune(folder: Path, keep: str, also_keep: str | None = None) -> None:
+    """Remove every checkpoint and leftover temporary folder in `folder` except `keep` (and `also_keep`)."""
     if not Path(folder).is_dir():
         return
     for path in Path(folder).iterdir():
-        if path.name != keep and path.is_dir() and path.name.startswith((PREFIX, TMP_PREFIX)):
+        if path.name not in (keep, also_keep) and path.is_dir() and path.name.startswith((PREFIX, TMP_PREFIX)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def extension_point(folder: Path, state: dict) -> str | None:
+    """The folder name of the newest checkpoint in `folder` saved where its run's learning-rate decay began (state
+    `pre_decay`, see stages/lib/schedule.py) of the same run as `state`, no newer than it: a longer budget continues
+    the run exactly from there (stages/lib/decision.py), so pruning keeps it beside the latest."""
+    for found in find_checkpoints([folder]):
+        if found.state.get("pre_decay") and found.state.get("run") == state.get("run") and found.step <= state["step"]:
+            return found.path.name
+    return None
 
 
 def untie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict | None]:
