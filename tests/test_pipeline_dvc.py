@@ -95,7 +95,7 @@ def test_first_repro_runs_every_stage(repo):
         assert ran(out, stage), out
     assert checkpoint_step(repo) == 2
     assert (repo / "models/sample-arith/model.safetensors").exists()
-    assert "val_loss" in json.loads((repo / "outputs/eval/metrics.json").read_text())
+    assert "val_loss" in json.loads((repo / "outputs/eval/metrics.json").read_text())["eval"]
 
 
 def test_repro_trains_one_session_per_run_until_the_budget_is_spent(repo):
@@ -158,9 +158,11 @@ def test_push_clone_pull_and_continue_on_another_machine(repo, tmp_path):
 def test_metrics_and_plots_show(repo):
     out = run(repo, "dvc", "metrics", "show")
     assert "outputs/live/metrics.json" in out and "outputs/eval/metrics.json" in out, out
-    assert "val_loss" in out and "exact_match" in out, out
+    assert "eval.val_loss" in out and "eval.exact_match" in out and "val.loss" in out, out
+    assert "records_read" not in out, out  # the render stage's counts are no metric
     run(repo, "dvc", "plots", "show")
     assert (repo / "dvc_plots/index.html").exists()
+    assert 'src="static/workspace_outputs_live_loss.svg"' in (repo / "dvc_plots/index.html").read_text()
 
 
 def test_exported_model_answers_through_a_transformers_pipeline(repo):

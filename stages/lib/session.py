@@ -109,8 +109,8 @@ class Session:
         main = self.world.is_main
         if self._should_stop(None, check_time=True)[1]:
             if main:
-                print(f"train.minutes_today = {self.train.minutes_today} leaves no time for a step and a save: "
-                      "nothing trained")
+                print(f"the session's time limit ({self.train.minutes_today:.1f} min, train.minutes_today) leaves "
+                      "no time for a step and a save: nothing trained")
             result.stopped_by = "time"
             return result
         live = open_live(self.trainee.live_dir, start if start > 0 else None) if main else _NoLogs()
@@ -138,7 +138,8 @@ class Session:
         elif out_of_time:
             result.stopped_by = "time"
             if main:
-                print(f"stopping at step {step}: train.minutes_today = {self.train.minutes_today} is nearly used up")
+                print(f"stopping at step {step}: the session's time limit ({self.train.minutes_today:.1f} min, "
+                      "train.minutes_today) is nearly used up")
         if step > start and result.stopped_by != "signal" and evaluated != step:
             self._evaluate(live, step)
         live.make_summary()

@@ -9,7 +9,7 @@
       left        400 steps: 2 more sessions of this length
       see         dvc metrics show, dvc plots show, outputs/live/loss.svg
 
-"Then" is the latest value logged up to the session's first step (for a new run, its first value), "now" the latest
+"Then" is the latest value logged up to the session's first step (for a new run: at step 1), "now" the latest
 logged; the time per step is the mean of the session's steps after the first (which includes warm-up work). Pure
 formatting apart from `read_losses`, which reads the DVCLive logs.
 """
@@ -43,10 +43,9 @@ def read_losses(live_dir: Path, start_step: int) -> dict:
     losses = {}
     for metric in ("train/loss", "val/loss"):
         rows = logged_rows(live_dir, metric)
-        before = [value for step, value in rows if step <= start_step]
-        # A new run has no value before its first step: its first logged value is where it started.
-        then = before[-1] if before and start_step > 0 else (rows[0][1] if rows and start_step == 0 else None)
-        losses[metric] = (then, rows[-1][1] if rows else None)
+        # A new run has nothing logged before its first step: that step's value is where it started.
+        before = [value for step, value in rows if step <= max(start_step, 1)]
+        losses[metric] = (before[-1] if before else None, rows[-1][1] if rows else None)
     return losses
 
 
@@ -68,15 +67,16 @@ def summary_lines(n: SessionNumbers) -> list[str]:
              _row("tokens", f"{done * n.tokens_per_step:,} this session, {n.end_step * n.tokens_per_step:,} in all")]
     for metric, (then, now) in n.losses.items():
         if now is not None:
-            lines.append(_row(metric, f"{_loss(then)} -> {_loss(now)}"))
+            lines.append(_row(metric, f"{loss_text(then)} -> {loss_text(now)}"))
     per_step = seconds_per_step(n.step_seconds)
     if per_step is not None:
         lines.append(_row("time", f"{duration(sum(n.step_seconds))} training, {per_step:.3f} s per step"))
     if n.checkpoint is not None:
         lines.append(_row("checkpoint", f"{n.checkpoint} ({n.checkpoint_bytes / 1e6:.1f} MB)"))
     if remaining > 0:
-        lines.append(_row("left", f"{remaining} steps: {sessions_left(remaining, done)} more sessions of this "
-                                  "length"))
+        sessions = sessions_left(remaining, done)
+        lines.append(_row("left", f"{remaining} steps: {sessions} more session{'s' if sessions > 1 else ''} of "
+                                  "this length"))
     else:
         lines.append(_row("left", "nothing: the budget is spent (raise train.total_step_budget to continue the run)"))
     lines.append(_row("see", f"dvc metrics show, dvc plots show, {Path(n.live_dir) / 'loss.svg'}"))
@@ -87,5 +87,6 @@ def _row(name: str, text: str) -> str:
     return f"  {name:<11} {text}"
 
 
-def _loss(value: float | None) -> str:
+def loss_text(value: float | None) -> str:
+    """A loss as the summary shows it (`-` when there is none)."""
     return "-" if value is None else f"{value:.4f}"

@@ -30,6 +30,7 @@ from stages.lib.decision import Decision, decide
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError
 from stages.lib.export import export_model
+from stages.lib.files import folder_size
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.loss_plot import write_loss_plot
 from stages.lib.model import build_model, tied_names
@@ -114,8 +115,7 @@ def _with_time_limit(train: TrainParams, decision: Decision, export_dir: Path, p
     """train with minutes_today as a number: the machine's limit for `auto`, less the time a push will take."""
     # What a push sends: the checkpoint and the export, as big as the last ones, or about 16 bytes per parameter
     # (fp32 weights and two Adam moments in the checkpoint, fp32 weights in the export) before there are any.
-    pushed = (_folder_bytes(decision.resume.path) + _folder_bytes(export_dir) if decision.resume
-              else 16 * parameters)
+    pushed = folder_size(decision.resume.path) + folder_size(export_dir) if decision.resume else 16 * parameters
     minutes, note = session_minutes(train.minutes_today, pushed, elapsed=time.monotonic() - started)
     if say and note:
         print(note, flush=True)
@@ -126,11 +126,7 @@ def _numbers(session: Session, result: SessionResult, live_dir: Path) -> Session
     saved = Path(session.train.checkpoint_dir) / ckpt.folder_name(result.end_step)
     return SessionNumbers(result.start_step, result.end_step, session.plan.total_steps, session.tokens_per_step,
                           tuple(session.timer.step_times), result.stopped_by, saved if saved.is_dir() else None,
-                          _folder_bytes(saved), read_losses(live_dir, result.start_step), live_dir)
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if Path(folder).is_dir() else 0
+                          folder_size(saved), read_losses(live_dir, result.start_step), live_dir)
 
 
 def decide_on_main(train: TrainParams, meta: dict, windows_per_epoch: int, tokenizer_dir: Path, recovery_dir: Path,
