@@ -265,9 +265,11 @@ def continue_run(plan: RunPlan, same_run: list[Checkpoint],
     newest one's when the plan is unchanged; otherwise see the module docstring."""
     latest, wanted = same_run[0], Schedule.from_json(plan.schedule)
     current = schedule_of(latest)
-    if current.without_restart() == wanted or latest.step >= wanted.total_steps:
-        plan = with_schedule(plan, current if current.without_restart() == wanted else wanted)
-        return latest, plan, [f"resuming from step {latest.step}: {_where(latest, checkpoint_dir)}"]
+    resuming = [f"resuming from step {latest.step}: {_where(latest, checkpoint_dir)}"]
+    if current.without_restart() == wanted:  # the same plan: the checkpoint's schedule, re-planned or not
+        return latest, with_schedule(plan, current), resuming
+    if latest.step >= wanted.total_steps:  # a budget the run has already trained past: nothing left to do
+        return latest, with_schedule(plan, wanted), resuming
     change = (f"the run's plan changed ({'; '.join(changed_settings(latest.state['fingerprint_values'], plan.values))}"
               f"): now {wanted.total_steps} steps, {wanted.describe()}")
     choices = [wanted] + ([replace(wanted, restart=current.restart)] if current.restart else [])
