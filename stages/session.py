@@ -90,7 +90,8 @@ class Day:
         self.params = load_params()
         self.log = Path(self.params.train.out_dir) / ws.SESSIONS_LOG
         outputs = ws.pipeline_outputs()
-        mine = [p for p in ws.changed_files() if not ws.belongs_to_dvc(p, outputs, str(self.log))]
+        mine = [p for p in ws.changed_files() if not ws.belongs_to_dvc(p, outputs, str(self.log))
+                and not (p == "params.yaml" and ws.only_session_values_changed())]
         if mine:
             raise UserError("these files have changes that are not DVC's: " + ", ".join(mine) + ". Commit them "
                             "first (git commit -am 'what changed'), or undo them (git checkout -- FILE), then run "

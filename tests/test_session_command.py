@@ -43,6 +43,19 @@ def test_dvc_outputs_are_told_from_the_users_changes(tmp_path, monkeypatch):
         assert not ws.belongs_to_dvc(mine, outputs, log), mine
 
 
+def test_params_changed_only_in_the_values_the_command_sets_are_the_commands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  lr: 0.1\n  steps_today: 0\n")
+    for command in (["git", "init", "-q"], ["git", "add", "params.yaml"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "p"]):
+        subprocess.run(command, check=True)
+    ws.write_train_values({"steps_today": 50, "minutes_today": "auto"})  # left by an interrupted session
+    assert ws.only_session_values_changed()
+    params.write_text(params.read_text().replace("lr: 0.1", "lr: 0.2"))
+    assert not ws.only_session_values_changed()
+
+
 def test_the_last_measured_push_speed_is_remembered_in_the_sessions_log(tmp_path):
     log = tmp_path / "sessions.jsonl"
     assert ws.last_push_speed(ws.read_sessions(log)) is None

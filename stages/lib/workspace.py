@@ -4,7 +4,8 @@
 - `changed_files` and `belongs_to_dvc`: what git sees modified, and whether DVC wrote it (dvc.lock, a stage's output
   or metric, the `.gitignore` files DVC keeps, the sessions log), as opposed to a change of the user's;
 - `recorded_data`: what `dvc pull` can bring: the stages dvc.lock records and the `.dvc` files;
-- `set_train_values`: train.* values written into params.yaml in place, its comments and layout kept;
+- `set_train_values`: train.* values written into params.yaml in place, its comments and layout kept (a params.yaml
+  changed only there, as an interrupted session leaves it, counts as the command's, not the user's);
 - the sessions log, `<train.out_dir>/sessions.jsonl`: one line per session the command ran (date, machine, steps,
   time, push size and time), committed with it, so the next session on any machine knows the last push speed.
 """
@@ -20,6 +21,7 @@ import yaml
 from stages.lib.files import write_atomically
 
 SESSIONS_LOG = "sessions.jsonl"
+SESSION_KEYS = ("steps_today", "minutes_today")  # the train.* values the command writes into params.yaml
 TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 
 
@@ -84,6 +86,20 @@ def recorded_data(lock: Path = Path("dvc.lock")) -> list[str]:
                     else [])
     tracked = output_of("git", "ls-files", "--", "*.dvc") or ""
     return stages + tracked.split()
+
+
+def only_session_values_changed(params_yaml: str = "params.yaml", keys=SESSION_KEYS) -> bool:
+    """Whether params.yaml differs from its last commit in nothing but the train.* `keys` the command sets."""
+    committed = output_of("git", "show", f"HEAD:{params_yaml}")
+    if committed is None:
+        return False
+
+    def without_keys(text: str) -> dict:
+        params = yaml.safe_load(text) or {}
+        for key in keys:
+            (params.get("train") or {}).pop(key, None)
+        return params
+    return without_keys(committed) == without_keys(Path(params_yaml).read_text(encoding="utf-8"))
 
 
 def set_train_values(text: str, values: dict) -> str:
