@@ -37,8 +37,8 @@ from stages.lib.params import parse_params  # noqa: E402
 from stages.lib.precision import pick_precision  # noqa: E402
 from stages.lib.session import Session  # noqa: E402
 from stages.lib.token_files import SplitWriter, new_meta, read_meta, write_meta  # noqa: E402
-from stages.lib.world import World  # noqa: E402
 from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
+from stages.lib.world import World  # noqa: E402
 
 CONFIGS = {
     # params.yaml defaults, with the 1,024-token BPE vocabulary the default tokenizer stage trains.
