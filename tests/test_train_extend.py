@@ -121,3 +121,13 @@ def test_checkpoints_without_a_recorded_schedule_resume_as_the_cosine_run_they_w
     assert session(root).start_step == 4
     assert_same_as(root, whole)
     shutil.rmtree(whole)
+
+
+def test_more_epochs_extend_the_run_too(tmp_path, capsys):
+    root = make_workspace(tmp_path)
+    epochs = {"total_step_budget": 0, "save_every": 100, "eval_every": 100, "schedule": "wsd"}
+    assert session(root, epochs=1, **epochs).end_step == 31  # 124 windows of 16 tokens, 4 a step
+    capsys.readouterr()
+    result = session(root, epochs=2, **epochs)
+    assert (result.start_step, result.end_step) == (25, 62)  # from the checkpoint where epoch 1's decay began
+    assert "the run's plan changed (epochs: 1 -> 2)" in capsys.readouterr().out
