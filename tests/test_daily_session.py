@@ -6,11 +6,13 @@ and the weights after day 3 equal one uninterrupted run's. Tiny params keep each
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,13 +43,21 @@ def readme_daily_command() -> list[str]:
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
     assert len(commands) == 1, f"the README's daily block should be one command, not {commands}"
     words = commands[0].split()
-    assert words[:3] == ["python", "-m", "stages.session"], commands
+    assert words[0].endswith("python") and words[1:3] == ["-m", "stages.session"], commands
     return [sys.executable, "-m", "stages.session", "--steps", str(STEPS_A_DAY)]
 
 
+def fresh_shell() -> dict:
+    """The environment of a new shell: the Python environment's tools not on PATH (nothing activated)."""
+    env = command_env()
+    tools = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != tools)
+    return env
+
+
 def a_day(machine) -> str:
-    """One day on `machine`: the README's one command."""
-    done = subprocess.run(readme_daily_command(), cwd=machine, env=command_env(), capture_output=True, text=True,
+    """One day on `machine`: the README's one command, in a fresh shell."""
+    done = subprocess.run(readme_daily_command(), cwd=machine, env=fresh_shell(), capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr

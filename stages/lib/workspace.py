@@ -1,6 +1,7 @@
 """The repository as the session command (stages/session.py) sees it.
 
-- `sh`: run a git or dvc command, printing it first (`$ git pull --ff-only`) and showing its output as it comes;
+- `sh`: run a git or dvc command, printing it first (`$ git pull --ff-only`) and showing its output as it comes,
+  with this Python's DVC and tools;
 - `changed_files` and `belongs_to_dvc`: what git sees modified, and whether DVC wrote it (dvc.lock, a stage's output
   or metric, the `.gitignore` files DVC keeps, the sessions log), as opposed to a change of the user's;
 - `recorded_data`: what `dvc pull` can bring: the stages dvc.lock records and the `.dvc` files;
@@ -11,6 +12,7 @@
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,8 +34,14 @@ def sh(*command: str, env: dict | None = None, quiet: bool = False, shown: str =
     """
     if not quiet:
         print(f"$ {shown or ' '.join(command)}", flush=True)
+    # DVC, and the stages it runs, come from this Python's environment, whether or not it is activated: the day
+    # stays one command (`.venv/bin/python -m stages.session`).
+    tools = str(Path(sys.executable).parent)
+    env = {**(os.environ if env is None else env)}
+    env["PATH"] = f"{tools}{os.pathsep}{env.get('PATH', '')}"
+    real = (sys.executable, "-m", "dvc", *command[1:]) if command[0] == "dvc" else command
     try:
-        return subprocess.run(command, env=env, text=True, capture_output=quiet, stdin=subprocess.DEVNULL)
+        return subprocess.run(real, env=env, text=True, capture_output=quiet, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         return subprocess.CompletedProcess(command, 127, "", f"{command[0]}: command not found\n")
 
