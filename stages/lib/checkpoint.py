@@ -8,9 +8,9 @@ and loaded by its own functions:
 - `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
 - `logs`: `live/`, the DVCLive logs as of this step, so a session resuming from this checkpoint gets back the rows
   that went with it (`dvc exp run` restores the logs DVC recorded, which may be older);
-and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprints and the
-values behind them, and the learning-rate schedule (the rate is a function of the step under it). Adding a part is
-one entry in PARTS. Several processes write the same files: every process takes part in capturing a part (gathering FSDP shards
+and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprints, the values
+behind them and the learning-rate schedule (the rate is a function of the step under it). Adding a part is one entry in
+PARTS. Several processes write the same files: every process takes part in capturing a part (gathering FSDP shards
 to rank 0), rank 0 alone writes and reads, and restoring spreads rank 0's state to all, so any checkpoint resumes on
 any number of processes with either strategy.
 
