@@ -41,7 +41,7 @@ from stages.lib.precision import pick_precision  # noqa: E402
 from stages.lib.session import Session  # noqa: E402
 from stages.lib.token_files import read_meta  # noqa: E402
 from stages.lib.world import World  # noqa: E402
-from stages.train import build_trainee, decide_on_main  # noqa: E402
+from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
 
 SIZES = {  # Llama-style, tied embeddings; the vocabulary grows with the model as it does in practice
     "10m": {"vocab": 16384, "model": {"n_layer": 6, "hidden_size": 256, "n_head": 4, "intermediate_size": 1024}},

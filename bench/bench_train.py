@@ -39,8 +39,8 @@ from stages.lib.params import parse_params  # noqa: E402
 from stages.lib.precision import pick_precision  # noqa: E402
 from stages.lib.session import Session  # noqa: E402
 from stages.lib.token_files import SplitWriter, new_meta, read_meta, write_meta  # noqa: E402
+from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
 from stages.lib.world import World  # noqa: E402
-from stages.train import build_trainee, decide_on_main  # noqa: E402
 
 CONFIGS = {
     # params.yaml defaults, with the 1,024-token BPE vocabulary the default tokenizer stage trains.
@@ -198,7 +198,7 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device, precisi
 CHILD = """
 import json, sys, time
 from stages.lib.params import load_params
-from stages.train import run_session
+from stages.lib.training import run_session
 result = run_session(load_params().train)
 print(json.dumps({"start_step": result.start_step, "first_step_at": result.first_step_at}))
 """

@@ -4,7 +4,8 @@
 
 Reads `models/<train.model_name>/` through `from_pretrained` (so it also proves the export loads), the validation
 split of `data/tokens/`, and `evaluate.prompts_path`. Writes to `<train.out_dir>/eval/`:
-- `metrics.json`: `val_loss` (mean loss over the validation tokens that count, mask 1, as in training),
+- `metrics.json`, every value under `eval` (DVC shows `eval.val_loss`, apart from the training logs' `val/loss`):
+  `val_loss` (mean loss over the validation tokens that count, mask 1, as in training),
   `perplexity` (exp of val_loss), `val_tokens` (validation tokens read), `val_loss_tokens` (those that counted),
   `exact_match` (share of held-out answers that equal the expected output, both stripped of surrounding
   whitespace; null when there are no prompts) and `n_prompts`.
@@ -37,6 +38,7 @@ from stages.lib.params import MODELS_DIR, TOKENS_DIR, load_params
 from stages.lib.token_files import open_split
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
+LEADING = ("val_loss", "exact_match")
 
 
 def main() -> None:
@@ -169,7 +171,9 @@ def score(samples: list[dict]) -> dict:
 
 def write_results(out_dir: Path, metrics: dict, samples: list[dict]) -> None:
     """Write metrics.json and samples.jsonl, each to a temporary name first so no half-written file remains."""
-    write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    # The scores people compare first, first: `dvc exp show` keeps the file's order.
+    ordered = {key: metrics[key] for key in LEADING if key in metrics} | metrics
+    write_atomically(out_dir / "metrics.json", json.dumps({"eval": ordered}, indent=2) + "\n")
     write_atomically(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 

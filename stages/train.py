@@ -3,245 +3,37 @@
     python -m stages.train      (dvc repro train / dvc exp run)
 
 Each session resumes from the newest checkpoint of the same run, trains until `train.steps_today` /
-`train.minutes_today` / the whole budget says stop, saves a checkpoint, logs to DVCLive and exports the model to
-`models/<model_name>/`. Once the budget is spent a session changes nothing.
+`train.minutes_today` (a number of minutes, or auto: the machine's own limit) / the whole budget says stop, saves a
+checkpoint, logs to DVCLive, exports the model to `models/<model_name>/`, draws the loss curves and prints a summary.
+Once the budget is spent a session changes nothing, and says so before importing torch.
 
 Budget: `total_step_budget` optimizer steps over all sessions, or, when it is 0, `epochs` passes over the training
-windows rounded up to whole steps. The learning-rate schedule (linear warmup, cosine to min_lr) spans the whole
-budget, so splitting a run into sessions changes nothing: on CPU the weights come out bitwise identical. Weight decay
-applies to matrices, embeddings included, not to norms or biases.
+windows rounded up to whole steps. The learning-rate schedule (`train.schedule`: cosine, or wsd) spans the whole
+budget, so splitting a run into sessions changes nothing: on CPU the weights come out bitwise identical. Raising the
+budget later continues the run from its checkpoint (stages/lib/decision.py says how).
 
-The story of a session, and where each part lives:
-1. start one process per device when `train.devices` asks for several (stages/lib/launcher.py, world.py);
-2. decide, once, on rank 0: the run's fingerprint, the checkpoint to resume and this session's grad_accum
-   (stages/lib/decision.py; the checkpoint format is stages/lib/checkpoint.py);
-3. build the model (stages/lib/model.py), wrap it for the processes (parallel.py), restore the checkpoint;
-4. run the loop (stages/lib/session.py), then export (stages/lib/export.py).
+This module is the command's face; a session is put together in stages/lib/training.py.
 """
 
-import contextlib
-import os
-import random
 import sys
-import time
-from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
-import torch
-
-from stages.lib import checkpoint as ckpt
-from stages.lib import checkpoint_store as store
-from stages.lib import memory
-from stages.lib.batches import TrainBatches, split_windows
-from stages.lib.decision import Decision, Inputs, decide
-from stages.lib.devices import pick_device
-from stages.lib.errors import UserError, run_stage
-from stages.lib.export import export_model
-from stages.lib.hashing import model_digest
-from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
-from stages.lib.live_logs import has_logs
-from stages.lib.model import build_model, checkpoint_activations, model_config, tied_names
-from stages.lib.parallel import parallel_model
-from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
-from stages.lib.precision import LossScaler, Precision, pick_precision
-from stages.lib.schedule import session_end
-from stages.lib.session import Session, SessionResult
-from stages.lib.token_files import read_meta
-from stages.lib.world import World, joined_world
+from stages.lib.errors import run_stage
+from stages.lib.launcher import under_torchrun
+from stages.lib.params import load_params
+from stages.lib.preflight import budget_spent_message, nothing_to_train
 
 
 def main() -> None:
     """Run one training session with the settings in params.yaml, in several processes when train.devices asks."""
     params = load_params()
-    processes = processes_to_start(params.train.devices, params.train.device)
-    if processes > 1 and not under_torchrun():
-        sys.exit(launch(processes))
-    sys.exit(exit_code_to_report(_session_in_this_process(params)))
+    # Processes started by torchrun decide together (rank 0 for all), so only a stage started by itself answers early.
+    done = None if under_torchrun() else nothing_to_train(params.train)
+    if done is not None:
+        print("\n".join([*done.messages, budget_spent_message(done, params.train)]))
+        return
+    from stages.lib.training import train_in_processes  # torch and transformers: only when there is work
 
-
-def _session_in_this_process(params) -> int:
-    """One process's part of the session; its exit code (1 for a UserError, whose message rank 0 prints)."""
-    world = None
-    try:
-        with joined_world(params.train.device) as world:
-            if world.is_main and world.size > 1 and params.train.devices not in ("auto", world.size):
-                print(f"torchrun started {world.size} processes: train.devices = {params.train.devices} is not used")
-            return run_session(params.train, trust_remote_code=params.tokenizer.trust_remote_code,
-                               world=world).exit_code
-    except UserError as err:
-        if world is None or world.size == 1 or world.is_main or not world.launched_here:
-            print(f"error: {err}", file=sys.stderr)
-        return 1
-
-
-def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
-                models_dir: Path = MODELS_DIR, recovery_dir: Path = store.RECOVERY_DIR,
-                trust_remote_code: bool = False, world: World | None = None) -> SessionResult:
-    """One session: resume or start, train within today's limits, save, log and export.
-
-    `world`: this process's place in a multi-process session (default: one process on `train.device`). Rank 0
-    holds the workspace's checkpoint lock for the whole session: one writer at a time.
-    """
-    started = time.monotonic()
-    world = world or World(device=pick_device(train.device))
-    with store.session_lock(recovery_dir) if world.is_main else contextlib.nullcontext():
-        return _locked_session(train, tokens_dir, tokenizer_dir, models_dir, recovery_dir, trust_remote_code, world,
-                               started)
-
-
-def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, models_dir: Path, recovery_dir: Path,
-                    trust_remote_code: bool, world: World, started: float) -> SessionResult:
-    live_dir = Path(train.out_dir) / "live"
-    train_windows = split_windows(tokens_dir, "train", train.seq_len, required=True)
-    meta = read_meta(tokens_dir)
-    val_windows = split_windows(tokens_dir, "val", train.seq_len, required=False) if "val" in meta["splits"] else None
-    decision = Decision.from_json(world.decide_on_main(lambda: decide_on_main(
-        train, meta, train_windows.count, tokenizer_dir, recovery_dir, trust_remote_code, world.size).as_json()))
-    train = decision.session_params(train)
-    start, total = decision.start_step, decision.plan.total_steps
-    export_dir = Path(models_dir) / train.model_name
-    if start >= total:
-        if world.is_main:
-            return _budget_spent(train, decision, tokenizer_dir, export_dir, trust_remote_code)
-        return SessionResult(start, start, stopped_by="nothing-to-do")
-
-    precision = pick_precision(train.precision, world.device, warn=world.is_main)
-    memory_plan = check_memory(train, decision, world, precision)
-    with out_of_memory_as_advice(memory_plan, Path(train.checkpoint_dir)):
-        trainee = build_trainee(train, decision, world, live_dir, precision)
-        batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
-        session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
-        end = session_end(start, total, train.steps_today)
-        if world.is_main:
-            parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
-            print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
-                  f"on {world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters")
-        result = session.run(start, end)
-    if result.trained and world.is_main:
-        export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir, trust_remote_code)
-        print(f"exported the model at step {result.end_step} to {export_dir}/")
-        store.note_recorded(recovery_dir, session.last_state)
-    return result
-
-
-def decide_on_main(train: TrainParams, meta: dict, windows_per_epoch: int, tokenizer_dir: Path, recovery_dir: Path,
-                   trust_remote_code: bool, world_size: int) -> Decision:
-    """Rank 0's decision: read what it is made from, decide, say it, and bring a recovery copy back into place."""
-    vocab_size, special_ids = _tokenizer_facts(tokenizer_dir, trust_remote_code, meta)
-    checkpoint_dir = Path(train.checkpoint_dir)
-    base_model = model_digest(train.init_from) if train.init_from else None
-    inputs = Inputs(meta, windows_per_epoch, vocab_size, special_ids, base_model,
-                    store.find(checkpoint_dir, recovery_dir), checkpoint_dir, has_logs(Path(train.out_dir) / "live"))
-    decision = decide(train, inputs, world_size)
-    for message in decision.messages:
-        print(message)
-    if decision.from_recovery:  # put it back where DVC will record it
-        return replace(decision, resume=store.bring_back(decision.resume, checkpoint_dir))
-    return decision
-
-
-def _tokenizer_facts(tokenizer_dir: Path, trust_remote_code: bool, meta: dict) -> tuple[int, dict]:
-    """The model's vocabulary size and the tokenizer's special token ids."""
-    if not Path(tokenizer_dir).is_dir():
-        raise UserError(f"{tokenizer_dir} not found: run the tokenizer stage first (dvc repro tokenizer)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
-    return max(len(tokenizer), meta["vocab_size"]), special
-
-
-def check_memory(train: TrainParams, decision: Decision, world: World,
-                 precision: Precision) -> memory.MemoryPlan:
-    """The session's memory plan from the model's config, printed before anything is loaded; a UserError naming
-    settings that would fit when it does not fit the device's free memory."""
-    shape = memory.model_shape(model_config(train, decision.vocab_size, decision.special_ids))
-    setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
-                         train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1)
-    free = memory.available_memory(world.device)
-    if world.device.type == "cpu":  # the processes of this machine share its memory
-        free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    plan = memory.plan_memory(shape, setup, free, _device_name(world.device))
-    if world.is_main:
-        print("\n".join(plan.lines()))
-    if world.max([float(not plan.fits())])[0]:  # any process short of memory stops them all
-        raise UserError(memory.does_not_fit_message(plan))
-    return plan
-
-
-@contextlib.contextmanager
-def out_of_memory_as_advice(plan: memory.MemoryPlan, checkpoint_dir: Path):
-    """A CUDA out-of-memory error in the block becomes a UserError: what was saved, and settings that need less."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        found = store.find(checkpoint_dir, store.RECOVERY_DIR).checkpoints
-        saved = (f"the checkpoint at step {found[0].step} in {found[0].path.parent} is untouched and the next "
-                 "session resumes from it" if found else "no checkpoint was written")
-        raise UserError(memory.out_of_memory_message(plan, saved)) from None
-
-
-def _device_name(device: torch.device) -> str:
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-
-
-def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir: Path,
-                  precision: Precision) -> ckpt.Trainee:
-    """The run's model, optimizer and loss scaler on this process, wrapped for the processes, with the checkpoint
-    restored."""
-    _seed_everything(train.seed)
-    model = build_model(train, decision.vocab_size, decision.special_ids)
-    model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
-    if train.activation_checkpointing:
-        checkpoint_activations(model)
-    parallel = parallel_model(model, world, train.strategy, train.compile)
-    scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
-    trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler)
-    if decision.resume is not None:
-        ckpt.restore(decision.resume, trainee)
-    return trainee
-
-
-def make_optimizer(model, train: TrainParams) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings included) and none on norms and biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _model_to_export(session: Session, train: TrainParams, decision: Decision):
-    if session.parallel.strategy != "fsdp":
-        return session.parallel.model
-    # The shards are spread over the processes: a whole model from the weights the last save gathered.
-    return _model_with_weights(train, decision, session.last_saved["weights"][0])
-
-
-def _model_with_weights(train: TrainParams, decision: Decision, weights: dict):
-    model = build_model(train, decision.vocab_size, decision.special_ids)
-    model.load_state_dict(ckpt.retie(weights, tied_names(model)))
-    return model
-
-
-def _budget_spent(train: TrainParams, decision: Decision, tokenizer_dir: Path, export_dir: Path,
-                  trust_remote_code: bool) -> SessionResult:
-    step = decision.start_step
-    print(f"the run's budget of {decision.plan.total_steps} steps is spent (checkpoint at step {step}): nothing "
-          "to train. To train further, raise train.total_step_budget (or epochs), which starts a new run.")
-    if not (export_dir / "config.json").exists():
-        # DVC deletes a non-persistent output before running the stage: rebuild it, same bytes as before.
-        weights = ckpt.read_weights(decision.resume.path)
-        export_model(_model_with_weights(train, decision, weights), tokenizer_dir, export_dir, trust_remote_code)
-        print(f"re-exported the model at step {step} to {export_dir}/")
-    return SessionResult(step, step, stopped_by="nothing-to-do")
+    sys.exit(train_in_processes(params))
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_stage_writes_metrics_and_samples_deterministically(tmp_path, loaded, mo
     monkeypatch.chdir(tmp_path)
     evaluate.main()
     out = tmp_path / "outputs" / "eval"
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["eval"]
     assert set(metrics) == {"val_loss", "perplexity", "val_tokens", "val_loss_tokens", "exact_match", "n_prompts"}
     assert metrics["exact_match"] == 0.5 and metrics["n_prompts"] == 2
     assert metrics["val_tokens"] == 40 and metrics["val_loss_tokens"] == 20
@@ -140,7 +140,7 @@ def test_caps_on_validation_tokens_and_prompts(tmp_path, loaded, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     evaluate.main()
-    metrics = json.loads((tmp_path / "outputs" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "outputs" / "eval" / "metrics.json").read_text())["eval"]
     assert metrics["val_tokens"] == 17 and metrics["val_loss_tokens"] == 8  # odd positions 1..15
     assert metrics["n_prompts"] == 1 and metrics["exact_match"] == 1.0
 
@@ -152,7 +152,7 @@ def test_no_prompts_path_skips_generation(tmp_path, loaded, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     evaluate.main()
-    metrics = json.loads((tmp_path / "outputs" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "outputs" / "eval" / "metrics.json").read_text())["eval"]
     assert metrics["exact_match"] is None and metrics["n_prompts"] == 0
     assert (tmp_path / "outputs" / "eval" / "samples.jsonl").read_text() == ""
 

@@ -48,6 +48,10 @@ def test_typo_in_nested_section_and_in_section_name():
     ("render", "format", "csv", "one of 'auto', 'text'"),
     ("train", "lr", "fast", "a number"),
     ("train", "resume", "maybe", "one of 'auto', 'require', 'never'"),
+    ("train", "schedule", "linear", "one of 'cosine', 'wsd'"),
+    ("train", "decay_fraction", 0.0, r"in \(0, 1\]"),
+    ("train", "minutes_today", "soon", "0 \\(no limit\\), a number of minutes > 0, or 'auto'"),
+    ("train", "minutes_today", -5, "0 \\(no limit\\), a number of minutes > 0, or 'auto'"),
 ])
 def test_wrong_type_or_range_names_key_value_and_what_is_allowed(section, key, value, allowed):
     with pytest.raises(ParamError, match=rf"{section}\.{key} = .* is not allowed; expected {allowed}"):
@@ -58,6 +62,11 @@ def test_float_written_without_a_dot_is_accepted():
     # YAML 1.1 reads 3e-4 as a string; people write learning rates that way.
     params = parse_params(yaml.safe_load("train: {lr: 3e-4, min_lr: 1e-5}"))
     assert params.train.lr == pytest.approx(3e-4)
+
+
+def test_minutes_today_is_a_number_or_auto():
+    assert parse_params({"train": {"minutes_today": "auto"}}).train.minutes_today == "auto"
+    assert parse_params({"train": {"minutes_today": 90}}).train.minutes_today == 90
 
 
 def test_missing_keys_take_defaults():

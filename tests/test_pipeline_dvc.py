@@ -7,6 +7,7 @@ user's days do. Tiny params keep the whole file to a few minutes on 2 cores.
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from dvc_helpers import REPO, checkpoint_step, command_env, needs_dvc, new_project, run, set_params
+
 TINY_PARAMS = {
     "tokenizer": {"vocab_size": 320},
     "train": {
@@ -27,44 +28,8 @@ TINY_PARAMS = {
     },
     "evaluate": {"max_val_tokens": 2048, "num_prompts": 4, "max_new_tokens": 6},
 }
-SKIP_PARTS = {"tests", "bench", ".venv"}
 
-pytestmark = pytest.mark.skipif(shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists(),
-                                reason="needs the dvc command (pip install -r requirements.txt)")
-
-
-def run(cwd: Path, *args: str) -> str:
-    """Run a command in the test repository; fail with its output when it fails."""
-    env = {**os.environ, "DVC_STUDIO_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{output}"
-    return output
-
-
-def project_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in listed if Path(f).parts[0] not in SKIP_PARTS and (REPO / f).is_file()]
-
-
-def set_params(repo: Path, changes: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in changes.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def checkpoint_step(repo: Path) -> int:
-    states = sorted((repo / "checkpoints").glob("step-*/state.json"))
-    assert len(states) == 1, f"expected exactly one checkpoint, found {states}"
-    return json.loads(states[0].read_text())["step"]
+pytestmark = needs_dvc
 
 
 def ran(output: str, stage: str) -> bool:
@@ -76,20 +41,9 @@ def skipped(output: str, stage: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    repo, remote = root / "project", root / "remote"
-    for name in project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
-    set_params(repo, TINY_PARAMS)
-    run(repo, "git", "init", "-q", "-b", "main")
-    run(repo, "git", "config", "user.email", "test@example.com")
-    run(repo, "git", "config", "user.name", "test")
-    run(repo, "dvc", "remote", "modify", "storage", "url", str(remote))
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-q", "-m", "project")
-    return repo
+    return new_project(root / "project", root / "remote", TINY_PARAMS)
 
 
 def test_first_repro_runs_every_stage(repo):
@@ -98,7 +52,7 @@ def test_first_repro_runs_every_stage(repo):
         assert ran(out, stage), out
     assert checkpoint_step(repo) == 2
     assert (repo / "models/sample-arith/model.safetensors").exists()
-    assert "val_loss" in json.loads((repo / "outputs/eval/metrics.json").read_text())
+    assert "val_loss" in json.loads((repo / "outputs/eval/metrics.json").read_text())["eval"]
 
 
 def test_nothing_the_pipeline_writes_is_a_pickle(repo):
@@ -167,9 +121,16 @@ def test_push_clone_pull_and_continue_on_another_machine(repo, tmp_path):
 def test_metrics_and_plots_show(repo):
     out = run(repo, "dvc", "metrics", "show")
     assert "outputs/live/metrics.json" in out and "outputs/eval/metrics.json" in out, out
-    assert "val_loss" in out and "exact_match" in out, out
+    assert "eval.val_loss" in out and "eval.exact_match" in out and "val.loss" in out, out
+    assert "records_read" not in out, out  # the render stage's counts are no metric
+    readme = (REPO / "README.md").read_text()
+    short = next(line for line in readme.splitlines() if line.startswith("dvc exp show --drop"))
+    header = run(repo, *shlex.split(short), "--csv").splitlines()[0].split(",")
+    assert header == ["Experiment", "Created", "eval.val_loss", "eval.exact_match", "train.loss", "val.loss", "step",
+                      "train.lr", "train.schedule", "train.total_step_budget"], header
     run(repo, "dvc", "plots", "show")
     assert (repo / "dvc_plots/index.html").exists()
+    assert 'src="static/workspace_outputs_live_loss.svg"' in (repo / "dvc_plots/index.html").read_text()
 
 
 def test_exported_model_answers_through_a_transformers_pipeline(repo):
@@ -196,11 +157,9 @@ def uninterrupted_weights(repo: Path, seed: int) -> bytes:
 
 def killed(repo: Path, command: list[str], rng) -> None:
     """Start `command`, SIGKILL it and its stage process at a random moment after its session first saved."""
-    env = {**os.environ, "DVC_STUDIO_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONPATH": "",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     saved = {p.name for p in (repo / ".checkpoint-recovery").glob("step-*")}
-    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(command, cwd=repo, env=command_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while ({p.name for p in (repo / ".checkpoint-recovery").glob("step-*")} <= saved and process.poll() is None
            and time.monotonic() < deadline):

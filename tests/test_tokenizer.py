@@ -1,6 +1,5 @@
 """The tokenizer stage: a local HuggingFace folder, or a byte-level BPE trained on the rendered records."""
 
-import json
 import os
 import subprocess
 import sys

@@ -183,7 +183,7 @@ def test_after_a_crash_the_recovery_copy_beats_the_older_checkpoint_dvc_restores
     restore(recorded, recorded_logs, root)
     capsys.readouterr()
     assert session(root, steps_today=0, minutes_today=1e-4).end_step == 8  # no time to train: only puts it back
-    assert "the recovery copy, newer than the step 4" in capsys.readouterr().out
+    assert "is newer than the step 4 that DVC restored into checkpoints" in capsys.readouterr().out
     assert [p.name for p in (root / "checkpoints").iterdir()] == ["step-00000008"]
     assert session(root).start_step == 8
     assert_same_run(root, reference)

@@ -115,14 +115,14 @@ def inside(folder: Path):
         os.chdir(before)
 
 
-def session(root: Path, **train_overrides):
-    """One in-process session in workspace `root` with TINY plus overrides; returns its SessionResult."""
-    from stages.train import run_session
+def session(root: Path, train: TrainParams | None = None, **train_overrides):
+    """One in-process session in workspace `root` with `train`, or TINY plus overrides; returns its SessionResult."""
+    from stages.lib.training import run_session
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         with inside(root):
-            return run_session(tiny_params(**train_overrides))
+            return run_session(train or tiny_params(**train_overrides))
     finally:
         torch.set_num_threads(threads)
 

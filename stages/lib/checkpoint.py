@@ -10,9 +10,9 @@ functions, and nothing in it is a pickle:
   from checkpoints of sessions with no loss scaler);
 - `logs`: `live/`, the DVCLive logs as of this step, so a session resuming from this checkpoint gets back the rows
   that went with it (`dvc exp run` restores the logs DVC recorded, which may be older);
-and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprint and the
-values behind it. The learning rate needs no saving: it is a function of the step. Adding a part is one entry in
-PARTS. Every process takes part in capturing a part (gathering FSDP shards to rank 0, stages/lib/full_state.py);
+and `state.json`, written last: format version, step, tokens seen, data cursor, the run's fingerprints, the values
+behind them and the learning-rate schedule (the rate is a function of the step under it). Adding a part is one entry
+in PARTS. Every process takes part in capturing a part (gathering FSDP shards to rank 0, stages/lib/full_state.py);
 rank 0 alone writes and reads; restoring spreads rank 0's state to all, so any checkpoint resumes on any number of
 processes with either strategy.
 

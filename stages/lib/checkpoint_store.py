@@ -3,7 +3,8 @@ DVC's reach, and which one a session resumes (what a checkpoint holds is stages/
 
 Saving: a checkpoint is written into `.tmp-step-...` in `train.checkpoint_dir`, fsynced and renamed into place
 (stages/lib/files.py), so a crash leaves either the whole folder or none of it. Then it is hardlinked into the
-recovery folder, and only then are older checkpoints removed from both. Only a checkpoint that was read and is
+recovery folder, and only then are older checkpoints removed from both, except the one saved where a wsd decay
+began (`extension_point`), which a longer budget continues from. Only a checkpoint that was read and is
 superseded is ever removed (and this code's own `.tmp-` leftovers): a folder that cannot be read stops the session
 with its name and the reason (stages/lib/checkpoint.py Unreadable) and stays where it is.
 
@@ -97,8 +98,8 @@ def _publish(checkpoint_dir: Path, recovery_dir: Path, captured: dict, state: di
         _before_publish(tmp)
         publish_folder(tmp, final)
     mirror(final, recovery_dir)
-    prune(checkpoint_dir, keep=name)
-    prune(recovery_dir, keep=name)
+    for folder in (checkpoint_dir, recovery_dir):
+        prune(folder, keep=name, also_keep=extension_point(folder, state))
     return final
 
 
@@ -132,12 +133,12 @@ def mirror(checkpoint: Path, folder: Path) -> Path:
 def bring_back(checkpoint: Checkpoint, checkpoint_dir: Path) -> Checkpoint:
     """The recovery copy `checkpoint` put back where DVC records it, the older checkpoint there removed."""
     restored = Checkpoint(mirror(checkpoint.path, checkpoint_dir), checkpoint.state)
-    prune(checkpoint_dir, keep=restored.path.name)
+    prune(checkpoint_dir, keep=restored.path.name, also_keep=extension_point(checkpoint_dir, checkpoint.state))
     return restored
 
 
-def prune(folder: Path, keep: str) -> None:
-    """Remove from `folder` every readable checkpoint but `keep`, and this code's temporary leftovers.
+def prune(folder: Path, keep: str, also_keep: str | None = None) -> None:
+    """Remove from `folder` every readable checkpoint but `keep` (and `also_keep`), and this code's leftovers.
 
     A folder that cannot be read is never removed (its state may be the only copy of someone's work): it raises.
     A checkpoint is first renamed to a temporary name, then deleted, so a kill halfway through the deletion
@@ -146,7 +147,7 @@ def prune(folder: Path, keep: str) -> None:
     if not Path(folder).is_dir():
         return
     for path in sorted(Path(folder).iterdir()):
-        if path.name == keep or not path.is_dir():
+        if path.name in (keep, also_keep) or not path.is_dir():
             continue
         if path.name.startswith(PREFIX):
             read_state(path)
@@ -157,6 +158,17 @@ def prune(folder: Path, keep: str) -> None:
         elif not path.name.startswith(TMP_PREFIX):
             continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+def extension_point(folder: Path, state: dict) -> str | None:
+    """The folder name of the newest checkpoint in `folder` saved where its run's learning-rate decay began (state
+    `pre_decay`, see stages/lib/schedule.py) of the same run as `state`, no newer than it: a longer budget continues
+    the run exactly from there (stages/lib/decision.py), so pruning keeps it beside the latest."""
+    for path in sorted(Path(folder).glob(f"{PREFIX}*"), reverse=True) if Path(folder).is_dir() else []:
+        found = read_state(path)
+        if found.get("pre_decay") and found.get("run") == state.get("run") and found["step"] <= state["step"]:
+            return path.name
+    return None
 
 
 def note_recorded(recovery_dir: Path, state: dict) -> None:

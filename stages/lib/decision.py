@@ -1,17 +1,27 @@
 """What a training session will do, decided once before it starts: pure functions, no I/O.
 
-A run is defined by its fingerprint: the sha256 of the settings that define it (model, tokenizer and training data,
-seq_len, global batch, optimiser and schedule settings, seed, budget). From params.yaml, the token files' meta, the
-tokenizer and the checkpoints found, `decide` makes one immutable Decision: the run's plan, the checkpoint to resume
-(or none, and why), the grad_accum for this number of processes, and the messages to print. Rank 0 makes it, every
-process receives the same Decision (as JSON), and the session runs it without deciding anything again.
+A run is defined by the settings behind its `run` fingerprint (model, tokenizer and training data, seq_len, global
+batch, optimiser settings, peak and final learning rate, warmup, seed). Its plan, how long it is and the shape of its
+learning rate (total_step_budget or epochs, train.schedule, decay_steps / decay_fraction), is not part of it: a
+checkpoint of the same run with another plan is the same run, extended (or shortened). The checkpoint's
+`fingerprint` covers both (the run and its schedule), so two checkpoints of the same step and fingerprint hold the
+same state. From params.yaml, the token files' meta, the tokenizer and the checkpoints found, `decide` makes one
+immutable Decision: the run's plan, the checkpoint to resume (or none, and why), the grad_accum for this number of
+processes, and the messages to print. Rank 0 makes it, every process receives the same Decision (as JSON), and the
+session runs it without deciding anything again.
 
-Resume (`train.resume`): `auto` resumes a matching checkpoint and otherwise starts a new run, naming the settings
-that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a session can
-change between sessions: steps_today, minutes_today, save_every, eval_every, eval_batches, compile, device,
-precision, activation_checkpointing, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their
-product (the global batch) stays the same. Resuming on another number of processes with the same batch settings keeps the run's global batch
-by changing grad_accum for the session (or says which batch_size and grad_accum would).
+Resume (`train.resume`): `auto` resumes the newest checkpoint of the same run and otherwise starts a new run, naming
+the settings that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a
+session can change between sessions: steps_today, minutes_today, save_every, eval_every, eval_batches, log_every,
+compile, device, precision, activation_checkpointing, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their product
+(the global batch) stays the same. Resuming on another number of processes with the same batch settings keeps the
+run's global batch by changing grad_accum for the session (or says which batch_size and grad_accum would).
+
+Another plan (stages/lib/schedule.py): the newest checkpoint whose updates so far got the learning rates the new
+plan gives them continues exactly, as if the new plan had been set from the start: with wsd any checkpoint up to
+the start of the decay, which is why the one saved there is kept. Otherwise the newest checkpoint continues with
+the schedule re-planned over the remaining steps, from the learning rate it had reached; the re-planned schedule is
+recorded in every later checkpoint, so the sessions after it follow the same curve.
 """
 
 import hashlib
@@ -23,16 +33,21 @@ from stages.lib.checkpoint import Checkpoint
 from stages.lib.checkpoint_store import Found
 from stages.lib.errors import UserError
 from stages.lib.params import TrainParams
-from stages.lib.schedule import total_steps
+from stages.lib.schedule import Schedule, agrees_until, total_steps
+
+# The settings that plan the run's length and learning-rate shape: changing them extends (or shortens) the run.
+PLAN_KEYS = ("total_step_budget", "epochs", "schedule", "decay_steps", "decay_fraction")
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What defines the run, and how long it is."""
+    """What defines the run, and its plan: how long it is and its learning rate at every step."""
 
-    values: dict  # the fingerprinted settings
-    fingerprint: str
+    values: dict  # the settings behind the fingerprints: the run's own and its plan's (PLAN_KEYS)
+    fingerprint: str  # of the run and its schedule: one step of one fingerprint is one state
     total_steps: int
+    run: str  # of the run alone (PLAN_KEYS left out): the same for every plan of the run
+    schedule: dict  # the Schedule (stages/lib/schedule.py) as JSON, re-planned when the plan changed mid-run
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,7 @@ def decide(train: TrainParams, inputs: Inputs, world_size: int) -> Decision:
         if grad_accum != train.grad_accum:
             messages.append(note)
             plan = run_plan(replace(train, grad_accum=grad_accum), inputs, world_size)
-    resume, why = choose_checkpoint(train, plan, inputs)
+    resume, plan, why = choose_checkpoint(train, plan, inputs)
     messages += why
     from_recovery = resume is not None and resume.path.parent != Path(inputs.checkpoint_dir)
     return Decision(plan, inputs.vocab_size, inputs.special_ids, world_size, grad_accum, asked, resume,
@@ -107,18 +122,49 @@ def decide(train: TrainParams, inputs: Inputs, world_size: int) -> Decision:
 
 
 def run_plan(train: TrainParams, inputs: Inputs, world_size: int) -> RunPlan:
-    """The run's fingerprint and length."""
+    """The run's fingerprints and the plan params.yaml asks for."""
     values = fingerprint_values(train, inputs.meta, world_size, inputs.base_model)
-    fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
     total = total_steps(train.total_step_budget, train.epochs, inputs.windows_per_epoch, values["global_batch"])
-    return RunPlan(values, fingerprint, total)
+    schedule = Schedule.planned(train.schedule, total, train.lr, train.min_lr, train.warmup_steps,
+                                train.decay_steps, train.decay_fraction)
+    return with_schedule(RunPlan(values, "", total, _digest(run_values(values)), {}), schedule)
+
+
+def with_schedule(plan: RunPlan, schedule: Schedule) -> RunPlan:
+    """The plan following `schedule`, its fingerprint to match."""
+    record = schedule.as_json()
+    return replace(plan, schedule=record, total_steps=schedule.total_steps,
+                   fingerprint=_digest({"settings": plan.values, "schedule": record}))
+
+
+def _digest(value: dict) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_values(values: dict) -> dict:
+    """The settings that define the run itself: its fingerprinted values without the plan's."""
+    return {k: v for k, v in values.items() if k not in PLAN_KEYS}
+
+
+def run_of(checkpoint: Checkpoint) -> str:
+    """A checkpoint's run fingerprint (computed for checkpoints of versions that did not record it)."""
+    return checkpoint.state.get("run") or _digest(run_values(checkpoint.state["fingerprint_values"]))
+
+
+def schedule_of(checkpoint: Checkpoint) -> Schedule:
+    """The schedule a checkpoint was trained with (older versions: cosine over its total_steps)."""
+    if "schedule" in checkpoint.state:
+        return Schedule.from_json(checkpoint.state["schedule"])
+    values = checkpoint.state["fingerprint_values"]
+    return Schedule("cosine", checkpoint.state["total_steps"], values["lr"], values["min_lr"],
+                    values["warmup_steps"])
 
 
 def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_model: str | None) -> dict:
-    """The settings that define a run: a checkpoint resumes only when all of them are unchanged.
-
-    A pretrained model (train.init_from) counts by the content of its config and weight files, not by its path.
-    """
+    """The settings that define a run (a checkpoint resumes only when they are unchanged) and those that plan it
+    (PLAN_KEYS: they may change, the run is then extended or shortened). A pretrained model (train.init_from)
+    counts by the content of its config and weight files, not by its path."""
+    wsd = train.schedule == "wsd"
     values = {f"model.{k}": v for k, v in asdict(train.model).items()} if not train.init_from else {}
     if train.init_from:
         values["base_model_sha256"] = base_model
@@ -131,6 +177,9 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
         "weight_decay": train.weight_decay, "beta1": train.beta1, "beta2": train.beta2, "grad_clip": train.grad_clip,
         "seed": train.seed, "total_step_budget": train.total_step_budget,
         "epochs": train.epochs if train.total_step_budget == 0 else None,  # epochs only count without a budget
+        "schedule": train.schedule,
+        "decay_steps": train.decay_steps if wsd else None,
+        "decay_fraction": train.decay_fraction if wsd and not train.decay_steps else None,
     })
     return values
 
@@ -154,11 +203,11 @@ def grad_accum_for_world(train: TrainParams, plan: RunPlan, found: list[Checkpoi
     """train.grad_accum, or the one that keeps the run's global batch when its checkpoint was trained with the same
     batch settings on another number of processes; with a note saying what it changed."""
     for candidate in found:
-        state, old = candidate.state, candidate.state["fingerprint_values"]
-        if state["fingerprint"] == plan.fingerprint:
+        state, old = candidate.state, run_values(candidate.state["fingerprint_values"])
+        if run_of(candidate) == plan.run:
             return train.grad_accum, ""
-        only_batch_differs = {k for k in set(old) | set(plan.values) if old.get(k) != plan.values.get(k)} == {
-            "global_batch"}
+        new = run_values(plan.values)
+        only_batch_differs = {k for k in set(old) | set(new) if old.get(k) != new.get(k)} == {"global_batch"}
         same_settings = (state["batch_params"] == {"batch_size": train.batch_size, "grad_accum": train.grad_accum}
                          if "batch_params" in state else state.get("world_size", 1) != world_size)
         if only_batch_differs and same_settings:
@@ -189,48 +238,91 @@ def fit_global_batch(global_batch: int, batch_size: int, world_size: int) -> int
                     "a new run)")
 
 
-def choose_checkpoint(train: TrainParams, plan: RunPlan, inputs: Inputs) -> tuple[Checkpoint | None, list[str]]:
-    """Apply `train.resume` to the checkpoints found: the one to resume (None: a new run) and what to say."""
+def choose_checkpoint(train: TrainParams, plan: RunPlan,
+                      inputs: Inputs) -> tuple[Checkpoint | None, RunPlan, list[str]]:
+    """Apply `train.resume` to the checkpoints found: the one to resume (None: a new run), the plan the session
+    follows, and what to say."""
     checkpoint_dir, found = Path(inputs.checkpoint_dir), inputs.found.checkpoints
     if train.resume == "never":
-        return None, ["train.resume = never: starting a new run"]
-    ours = [c for c in found if c.state["fingerprint"] == plan.fingerprint]
-    if ours:
-        return _newest_or_restored(ours, checkpoint_dir, inputs.found)
+        return None, plan, ["train.resume = never: starting a new run"]
+    same_run = [c for c in found if run_of(c) == plan.run]
+    if same_run:
+        candidates, notes = _restored_on_purpose(same_run, checkpoint_dir, inputs.found)
+        checkpoint, plan, messages = continue_run(plan, candidates, checkpoint_dir)
+        return checkpoint, plan, notes + messages
     if found:
-        changes = "; ".join(changed_settings(found[0].state["fingerprint_values"], plan.values))
+        changes = "; ".join(changed_settings(run_values(found[0].state["fingerprint_values"]),
+                                             run_values(plan.values)))
         why = f"the checkpoint in {found[0].path} (step {found[0].step}) belongs to a different run; changed: {changes}"
         if train.resume == "require":
             raise UserError(f"train.resume = require, but {why}. Put those settings back to resume it, or set "
                             "train.resume: auto to start a new run")
-        return None, [f"starting a new run: {why}"]
+        return None, plan, [f"starting a new run: {why}"]
     if inputs.logs_exist:
         hint = (f"{train.out_dir}/live holds logs of earlier sessions but {checkpoint_dir} holds no checkpoint: did "
                 "you forget `dvc pull`?")
         if train.resume == "require":
             raise UserError(f"train.resume = require: {hint} (or set train.resume: auto to start over)")
-        return None, [f"warning: {hint} Starting a new run."]
+        return None, plan, [f"warning: {hint} Starting a new run."]
     if train.resume == "require":
         raise UserError(f"train.resume = require, but {checkpoint_dir} holds no checkpoint; run a first session "
                         "with train.resume: auto")
-    return None, []
+    return None, plan, []
 
 
-def _newest_or_restored(ours: list[Checkpoint], checkpoint_dir: Path, found: Found) -> tuple[Checkpoint, list[str]]:
-    """This run's checkpoint to resume: the newest, unless it is a recovery copy that DVC recorded while the
-    checkpoint folder holds an older one, which was then restored on purpose (see stages/lib/checkpoint_store.py)."""
-    newest = ours[0]
-    in_place = next((c for c in ours if c.path.parent == checkpoint_dir), None)
+def _restored_on_purpose(same_run: list[Checkpoint], checkpoint_dir: Path,
+                         found: Found) -> tuple[list[Checkpoint], list[str]]:
+    """The run's checkpoints a session may continue from (newest first), and a note when the newest is a recovery
+    copy: it counts unless DVC recorded it while the checkpoint folder holds an older one, which was then restored
+    on purpose (see stages/lib/checkpoint_store.py)."""
+    newest = same_run[0]
+    in_place = next((c for c in same_run if c.path.parent == checkpoint_dir), None)
     if newest is in_place:
-        return newest, [f"resuming from step {newest.step}: {newest.path}"]
+        return same_run, []
     if in_place is None:
-        return newest, [f"resuming from step {newest.step}: {newest.path} (the recovery copy; {checkpoint_dir} "
-                        "holds none of this run)"]
+        return same_run, [f"{checkpoint_dir} holds no checkpoint of this run: taking the recovery copy {newest.path}"]
     if found.recorded_by_dvc(newest):
-        return in_place, [f"resuming from step {in_place.step}: {in_place.path}, restored on purpose: the newer "
-                          f"step {newest.step} in {newest.path.parent} ended a session that DVC recorded, so the "
-                          f"older one in {checkpoint_dir} was checked out deliberately"]
-    return newest, [f"resuming from step {newest.step}: {newest.path} (the recovery copy, newer than the step "
-                    f"{in_place.step} that DVC restored into {checkpoint_dir}: its session never ended normally "
-                    "under DVC, so DVC never recorded it). To go back to the older step on purpose, delete "
-                    f"{newest.path.parent}/ first"]
+        return [c for c in same_run if c.step <= in_place.step], [
+            f"{in_place.path} was restored on purpose: the newer step {newest.step} in {newest.path.parent} ended a "
+            f"session that DVC recorded, so the older one in {checkpoint_dir} was checked out deliberately"]
+    return same_run, [f"the recovery copy {newest.path} is newer than the step {in_place.step} that DVC restored into "
+                      f"{checkpoint_dir}: its session never ended normally under DVC, so DVC never recorded it. To go "
+                      f"back to the older step on purpose, delete {newest.path.parent}/ first"]
+
+
+def continue_run(plan: RunPlan, same_run: list[Checkpoint],
+                 checkpoint_dir: Path) -> tuple[Checkpoint, RunPlan, list[str]]:
+    """Which of the run's checkpoints (newest first) the session continues from, and under which schedule: the
+    newest one's when the plan is unchanged; otherwise see the module docstring."""
+    latest, wanted = same_run[0], Schedule.from_json(plan.schedule)
+    current = schedule_of(latest)
+    resuming = [f"resuming from step {latest.step}: {_where(latest, checkpoint_dir)}"]
+    if current.without_restart() == wanted:  # the same plan: the checkpoint's schedule, re-planned or not
+        return latest, with_schedule(plan, current), resuming
+    if latest.step >= wanted.total_steps:  # a budget the run has already trained past: nothing left to do
+        return latest, with_schedule(plan, wanted), resuming
+    change = (f"the run's plan changed ({'; '.join(changed_settings(latest.state['fingerprint_values'], plan.values))}"
+              f"): now {wanted.total_steps} steps, {wanted.describe()}")
+    choices = [wanted] + ([replace(wanted, restart=current.restart)] if current.restart else [])
+    for checkpoint in same_run:
+        for schedule in choices:
+            if checkpoint.step <= agrees_until(schedule_of(checkpoint), schedule):
+                return checkpoint, with_schedule(plan, schedule), [_exact_note(change, checkpoint, latest,
+                                                                               checkpoint_dir)]
+    replanned = wanted.replanned(latest.step, current.lr_at(latest.step), current.stable_steps)
+    return latest, with_schedule(plan, replanned), [
+        f"{change}. Continuing from step {latest.step} with the learning rate re-planned over the remaining steps: "
+        f"{replanned.describe()} ({_where(latest, checkpoint_dir)})"]
+
+
+def _exact_note(change: str, checkpoint: Checkpoint, latest: Checkpoint, checkpoint_dir: Path) -> str:
+    if checkpoint is latest:
+        return (f"{change}. The learning rates so far are the same under it: continuing exactly from step "
+                f"{checkpoint.step} ({_where(checkpoint, checkpoint_dir)})")
+    return (f"{change}. The decay had begun after step {checkpoint.step}: continuing exactly from the checkpoint "
+            f"kept there, so steps {checkpoint.step}..{latest.step} are trained again under the new plan "
+            f"({_where(checkpoint, checkpoint_dir)})")
+
+
+def _where(checkpoint: Checkpoint, checkpoint_dir: Path) -> str:
+    return f"{checkpoint.path}{'' if checkpoint.path.parent == checkpoint_dir else ' (the recovery copy)'}"

@@ -120,7 +120,8 @@ def exclusive_lock(path: Path, holder: str) -> Iterator[None]:
         left = _read_holder(fd)
         if left:
             print(f"note: took over {path}, left by {_describe(left)}, which is no longer running")
-        _write_holder(fd, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        _write_holder(fd, {"pid": os.getpid(), "host": socket.gethostname(), "since": since})
         try:
             yield
         finally:
@@ -152,3 +153,6 @@ def _describe_holder(fd: int) -> str:
 
 def _describe(holder: dict) -> str:
     return f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"
+def folder_size(path: str | Path) -> int:
+    """Bytes in the files under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0

@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stages.lib.devices import visible_gpus
 from stages.lib.errors import UserError
 from stages.lib.files import write_atomically
 
@@ -36,6 +35,8 @@ def under_torchrun() -> bool:
 
 def processes_to_start(devices: int | str, device: str) -> int:
     """How many training processes `train.devices` asks for on this machine (`auto`: one per visible GPU)."""
+    from stages.lib.devices import visible_gpus  # torch: not needed to tell whether torchrun started us
+
     gpus = visible_gpus(device)
     if devices == "auto":
         return max(1, gpus)

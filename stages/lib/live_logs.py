@@ -49,6 +49,15 @@ def restore_logs(snapshot_dir: Path, live_dir: Path) -> bool:
     return True
 
 
+def logged_rows(live_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of every row logged for `metric` (`train/loss`), in order; empty when there are none."""
+    path = _metrics_root(live_dir) / f"{metric}.tsv"
+    if not path.is_file():
+        return []
+    header, rows = _read_tsv(path)
+    return [(int(row[header.index("step")]), float(row[-1])) for row in rows]
+
+
 def has_logs(live_dir: Path) -> bool:
     """Whether a previous run left metric logs here."""
     return (Path(live_dir) / "metrics.json").exists() or any(_metric_files(live_dir))

@@ -103,6 +103,11 @@ class TrainParams:
     lr: float = _param(3e-3, **_positive())
     min_lr: float = _param(3e-4, **_at_least(0))
     warmup_steps: int = _param(20, **_at_least(0))
+    # The learning-rate curve over the whole run (stages/lib/schedule.py): cosine, or wsd (warmup, stable, decay),
+    # which a run extended by a larger budget continues exactly.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_steps: int = _param(0, "0 (use decay_fraction) or >= 1", lambda v: v >= 0)  # wsd: length of the decay
+    decay_fraction: float = _param(0.2, "in (0, 1]", lambda v: 0 < v <= 1)  # wsd, when decay_steps is 0
     weight_decay: float = _param(0.1, **_at_least(0))
     beta1: float = _param(0.9, "in [0, 1)", lambda v: 0 <= v < 1)
     beta2: float = _param(0.95, "in [0, 1)", lambda v: 0 <= v < 1)
@@ -110,10 +115,13 @@ class TrainParams:
     epochs: int = _param(1, **_at_least(1))  # used when total_step_budget is 0
     total_step_budget: int = _param(1000, "0 (use epochs) or >= 1", lambda v: v >= 0)
     steps_today: int = _param(0, "0 (until the budget is spent) or >= 1", lambda v: v >= 0)
-    minutes_today: float = _param(0.0, "0 (no limit) or > 0", lambda v: v >= 0)
+    # Wall-clock limit of this session in minutes; auto: the limit the machine has (stages/lib/deadline.py).
+    minutes_today: float | str = _param(0.0, "0 (no limit), a number of minutes > 0, or 'auto'",
+                                        lambda v: v == "auto" or (type(v) in (int, float) and v >= 0))
     save_every: int = _param(100, **_at_least(1))
     eval_every: int = _param(50, **_at_least(1))
     eval_batches: int = _param(8, **_at_least(1))
+    log_every: int = _param(10, **_at_least(1))  # a plain log line every N steps when the output is not a terminal
     seed: int = _param(1337, **_at_least(0))
     resume: Literal["auto", "require", "never"] = "auto"
     # auto: bf16 on GPUs with native bf16, fp16 + loss scaling on older GPUs, fp32 on CPU (stages/lib/precision.py)

@@ -2,7 +2,9 @@
 
 The session runs a Decision (stages/lib/decision.py) and decides nothing itself: it trains from the decision's step
 until `train.steps_today` / `train.minutes_today` / the budget says stop, or a signal does (stages/lib/stop.py),
-evaluating every `eval_every` and saving every `save_every` steps and at the end.
+evaluating every `eval_every` and saving every `save_every` steps, where a wsd decay begins (the checkpoint a longer
+budget continues from) and at the end. Progress shows as a bar on a terminal and as plain lines in a file
+(stages/lib/progress.py); each validation loss and save prints a line as it happens.
 
 In a multi-process run every process runs it in step: each trains on its slice of the data, all of them evaluate
 (the same batches) and take part in saving; rank 0 alone logs and writes. The loss is a mean over the counted tokens
@@ -15,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from stages.lib import checkpoint as ckpt
 from stages.lib import checkpoint_store as store
@@ -25,7 +26,8 @@ from stages.lib.live_logs import open_live
 from stages.lib.parallel import full_value
 from stages.lib.params import TrainParams
 from stages.lib.precision import LossScaler, Precision
-from stages.lib.schedule import lr_at, time_for_another_step
+from stages.lib.progress import Progress
+from stages.lib.schedule import Schedule, time_for_another_step
 from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session
 from stages.lib.stop import StopRequest
 
@@ -88,6 +90,7 @@ class Session:
                  batches: TrainBatches, val_windows: TokenWindows | None, started: float, recovery_dir: Path):
         self.train, self.decision, self.trainee, self.precision = train, decision, trainee, precision
         self.plan, self.world, self.parallel = decision.plan, trainee.world, trainee.parallel
+        self.schedule = Schedule.from_json(decision.plan.schedule)
         self.model, self.optimizer, self.device = trainee.parallel.model, trainee.optimizer, trainee.world.device
         self.scaler = trainee.scaler or LossScaler(enabled=False, device_type=self.device.type)
         self.batches, self.recovery_dir = batches, recovery_dir
@@ -100,6 +103,7 @@ class Session:
                                   self._closing_guesses())
         self.last_saved: dict | None = None  # rank 0's parts as captured by the latest save
         self.last_state: dict | None = None  # and its state.json
+        self.progress: Progress | None = None
 
     def _closing_guesses(self) -> dict:
         # Before they are timed: a checkpoint writes fp32 weights and two Adam moments, an export the weights.
@@ -113,16 +117,16 @@ class Session:
         main = self.world.is_main
         if self._should_stop(None, check_time=True)[1]:
             if main:
-                print(f"train.minutes_today = {self.train.minutes_today} leaves no time for a step and a save: "
-                      "nothing trained")
+                print(f"the session's time limit ({self.train.minutes_today:.1f} min, train.minutes_today) leaves "
+                      "no time for a step and a save: nothing trained")
             result.stopped_by = "time"
             return result
         live = open_live(self.trainee.live_dir, start if start > 0 else None) if main else _NoLogs()
         saved = evaluated = step = start
         skipped_before = self.scaler.skipped_steps
         stop = StopRequest(repeat_window=1.0 if self.world.size > 1 else 0.0, launcher_pid=self.world.launcher_pid)
-        with stop, tqdm(total=end - start, desc=f"steps {start}->{end}", unit="step", dynamic_ncols=True,
-                        disable=not main) as bar:
+        self.progress = Progress(start, end, self.plan.total_steps, self.train.log_every, enabled=main)
+        with stop, self.progress:
             while True:
                 signum, out_of_time = self._should_stop(stop, check_time=step < end)
                 if signum or out_of_time or step >= end:
@@ -134,11 +138,10 @@ class Session:
                 self._log_step(live, step, loss, grad_norm, seconds)
                 if main and step - start == min(PLAN_AFTER_STEPS, end - start):
                     self._report_plan(live, step, start, end)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_step / seconds:,.0f}", refresh=False)
-                bar.update()
+                self.progress.step(step, loss, self.optimizer.param_groups[0]["lr"], self.tokens_per_step / seconds)
                 if step % self.train.eval_every == 0:
                     evaluated = self._evaluate(live, step)
-                if step % self.train.save_every == 0:
+                if step % self.train.save_every == 0 or step == self.schedule.pre_decay_step:
                     saved = self._save(step, live)
         result.end_step = step
         if signum:
@@ -146,7 +149,8 @@ class Session:
         elif out_of_time:
             result.stopped_by = "time"
             if main:
-                print(f"stopping at step {step}: train.minutes_today = {self.train.minutes_today} is nearly used up")
+                print(f"stopping at step {step}: the session's time limit ({self.train.minutes_today:.1f} min, "
+                      "train.minutes_today) is nearly used up")
         if main and self.scaler.enabled:
             print(self.scaler.describe(step - start, skipped_before))
         if step > start and result.stopped_by != "signal" and evaluated != step:
@@ -191,7 +195,7 @@ class Session:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         grad_norm = full_value(grad_norm)
-        lr = lr_at(step, self.plan.total_steps, self.train.lr, self.train.min_lr, self.train.warmup_steps)
+        lr = self.schedule.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.step(self.optimizer, grad_norm)  # fp16: skipped for an inf or nan gradient; the batch is used
@@ -227,7 +231,7 @@ class Session:
             lines.append(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB "
                          "(compare the memory plan above)")
         for line in lines:
-            tqdm.write(line)
+            self.progress.event(line)
         for name, value in plan_metrics(plan).items():
             live.log_metric(name, value)
 
@@ -243,8 +247,10 @@ class Session:
                 total += self.parallel.forward(inputs.to(self.device), labels.to(self.device)).float()
         self.model.train()
         live.step = step
-        live.log_metric("val/loss", (total / max(1, counted_tokens(self.val))).item())
+        loss = (total / max(1, counted_tokens(self.val))).item()
+        live.log_metric("val/loss", loss)
         live.make_summary()
+        self.progress.event(f"step {step}: val/loss {loss:.4f}")
         self.timer.measured["eval"] = time.monotonic() - began
         return step
 
@@ -254,10 +260,14 @@ class Session:
         state = {"step": step, "total_steps": self.plan.total_steps, "tokens_seen": step * self.tokens_per_step,
                  "data_cursor": self.batches.cursor(step).as_dict(), "fingerprint": self.plan.fingerprint,
                  "fingerprint_values": self.plan.values, "world_size": self.world.size,
-                 "batch_params": self.decision.asked_batch}
+                 "batch_params": self.decision.asked_batch, "run": self.plan.run, "schedule": self.plan.schedule,
+                 "pre_decay": step == self.schedule.pre_decay_step}
         self.last_saved = store.save(Path(self.train.checkpoint_dir), self.recovery_dir, self.trainee, state)
         self.last_state = state
         seconds = time.monotonic() - began
+        kept = " (kept: a longer budget continues from here)" if state["pre_decay"] else ""
+        self.progress.event(f"step {step}: saved {Path(self.train.checkpoint_dir) / store.folder_name(step)} "
+                            f"in {seconds:.1f} s{kept}")
         self.timer.measured["save"] = seconds
         self.timer.measured["export"] = seconds  # an export writes about what a checkpoint's weights take
         return step
