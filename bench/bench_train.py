@@ -31,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib.batches import TrainBatches, split_windows  # noqa: E402
+from stages.lib.batches import TrainBatches, split_samples  # noqa: E402
 from stages.lib.model import build_model  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
 from stages.lib.precision import pick_precision  # noqa: E402
@@ -122,7 +122,8 @@ class Baseline:
 
     def step(self, step: int) -> None:
         """One optimizer step over the same batches our loop reads."""
-        for inputs, labels in self.batches.step_batches(step):
+        for batch in self.batches.step_batches(step):
+            inputs, labels = batch.inputs, batch.labels
             # HuggingFace shifts labels itself: give it the window and labels aligned with the inputs.
             window = torch.cat([inputs, labels[:, -1:].clamp(min=0)], dim=1).to(self.device)
             shifted = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1).to(self.device)
@@ -142,7 +143,7 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device) -> dict
         train = parse_params({"train": {**spec["train"], "device": device.type}}).train
         make_workspace(root, spec["vocab"], n_tokens=max(200_000, 50 * train.seq_len * train.batch_size))
         tokens = root / "data" / "tokens"
-        windows = split_windows(tokens, "train", train.seq_len, required=True)
+        windows = split_samples(tokens, "train", train.seq_len, "stream", train.seed, required=True)
         train = replace(train, checkpoint_dir=str(root / "checkpoints"), out_dir=str(root / "outputs"))
         decision = decide_on_main(train, read_meta(tokens), windows.count, root / "data" / "tokenizer",
                                   root / "recovery", False, 1)

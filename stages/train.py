@@ -7,9 +7,10 @@ Each session resumes from the newest checkpoint of the same run, trains until `t
 `models/<model_name>/`. Once the budget is spent a session changes nothing.
 
 Budget: `total_step_budget` optimizer steps over all sessions, or, when it is 0, `epochs` passes over the training
-windows rounded up to whole steps. The learning-rate schedule (linear warmup, cosine to min_lr) spans the whole
-budget, so splitting a run into sessions changes nothing: on CPU the weights come out bitwise identical. Weight decay
-applies to matrices, embeddings included, not to norms or biases.
+samples (windows of the token stream, or packed whole documents: `train.packing`, stages/lib/batches.py) rounded up
+to whole steps. The learning-rate schedule (linear warmup, cosine to min_lr) spans the whole budget, so splitting a
+run into sessions changes nothing: on CPU the weights come out bitwise identical. Weight decay applies to matrices,
+embeddings included, not to norms or biases.
 
 The story of a session, and where each part lives:
 1. start one process per device when `train.devices` asks for several (stages/lib/launcher.py, world.py);
@@ -30,20 +31,20 @@ import numpy as np
 import torch
 
 from stages.lib import checkpoint as ckpt
-from stages.lib.batches import TrainBatches, split_windows
+from stages.lib.batches import TrainBatches, describe_samples, split_samples
 from stages.lib.decision import Decision, Inputs, decide
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError, run_stage
 from stages.lib.export import export_model
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.live_logs import has_logs
-from stages.lib.model import build_model, tied_names
+from stages.lib.model import build_model, pick_document_attention, tied_names
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
 from stages.lib.precision import pick_precision
 from stages.lib.schedule import session_end
 from stages.lib.session import Session, SessionResult
-from stages.lib.token_files import read_meta
+from stages.lib.token_files import dominant_documents, packing_for, read_meta
 from stages.lib.world import World, joined_world
 
 
@@ -81,11 +82,13 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
     started = time.monotonic()
     world = world or World(device=pick_device(train.device))
     live_dir = Path(train.out_dir) / "live"
-    train_windows = split_windows(tokens_dir, "train", train.seq_len, required=True)
     meta = read_meta(tokens_dir)
-    val_windows = split_windows(tokens_dir, "val", train.seq_len, required=False) if "val" in meta["splits"] else None
+    packing = packing_for(meta, train.packing)
+    train_samples = split_samples(tokens_dir, "train", train.seq_len, packing, train.seed, required=True)
+    val_samples = (split_samples(tokens_dir, "val", train.seq_len, packing, None, required=False)
+                   if "val" in meta["splits"] else None)
     decision = Decision.from_json(world.decide_on_main(lambda: decide_on_main(
-        train, meta, train_windows.count, tokenizer_dir, recovery_dir, trust_remote_code, world.size).as_json()))
+        train, meta, train_samples.count, tokenizer_dir, recovery_dir, trust_remote_code, world.size).as_json()))
     train = decision.session_params(train)
     start, total = decision.start_step, decision.plan.total_steps
     export_dir = Path(models_dir) / train.model_name
@@ -95,14 +98,16 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
         return SessionResult(start, start, stopped_by="nothing-to-do")
 
     trainee = build_trainee(train, decision, world, live_dir)
-    batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
+    batches = TrainBatches(train_samples, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
     precision = pick_precision(train.precision, world.device)
-    session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
+    session = Session(train, decision, trainee, precision, batches, val_samples, started, recovery_dir)
     end = session_end(start, total, train.steps_today)
     if world.is_main:
         parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
         print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} on "
               f"{world.describe(train.strategy)} ({precision.name}), {parameters:,} parameters")
+        for line in [describe_samples(train_samples.facts(), train.seq_len), *dominant_documents(meta)]:
+            print(line)
     result = session.run(start, end)
     if result.trained and world.is_main:
         export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir)
@@ -110,12 +115,12 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
     return result
 
 
-def decide_on_main(train: TrainParams, meta: dict, windows_per_epoch: int, tokenizer_dir: Path, recovery_dir: Path,
+def decide_on_main(train: TrainParams, meta: dict, samples_per_epoch: int, tokenizer_dir: Path, recovery_dir: Path,
                    trust_remote_code: bool, world_size: int) -> Decision:
     """Rank 0's decision: read what it is made from, decide, say it, and bring a recovery copy back into place."""
     vocab_size, special_ids = _tokenizer_facts(tokenizer_dir, trust_remote_code, meta)
     checkpoint_dir = Path(train.checkpoint_dir)
-    inputs = Inputs(meta, windows_per_epoch, vocab_size, special_ids, _base_model_identity(train.init_from),
+    inputs = Inputs(meta, samples_per_epoch, vocab_size, special_ids, _base_model_identity(train.init_from),
                     ckpt.find_checkpoints([checkpoint_dir, recovery_dir]), checkpoint_dir,
                     has_logs(Path(train.out_dir) / "live"))
     decision = decide(train, inputs, world_size)
@@ -150,6 +155,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     """The run's model and optimizer on this process, wrapped for the processes, with the checkpoint restored."""
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids)
+    if decision.plan.values["packing"] == "documents":
+        pick_document_attention(model, world.device, pick_precision(train.precision, world.device).autocast_dtype)
     parallel = parallel_model(model, world, train.strategy, train.compile)
     trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir)
     if decision.resume is not None:

@@ -142,6 +142,43 @@ def test_plain_text_is_all_loss_and_prompt_only_documents_none(corpus, tmp_path)
     assert not prompt_mask.any() and prompt_eos == 0
 
 
+def test_an_empty_answer_still_teaches_ending_the_answer(corpus, tmp_path):
+    root, _, _ = corpus
+    records = [instruction_record("Say nothing.", ""), instruction_record("What is 1+1?", "2"),
+               {"source": "p.jsonl:3", "kind": "instruction", "segments": [{"text": "a prompt", "response": False}]}]
+    path = write_rendered(tmp_path / "rendered", records)
+    meta = tokenize_records(path, root / "tokenizer", tmp_path / "tokens", PARAMS)
+    ids, mask = open_split(tmp_path / "tokens", "train")
+    (_, empty_mask, empty_eos), (_, answer_mask, answer_eos), (_, _, prompt_eos) = split_docs(ids, mask,
+                                                                                             meta["eos_id"])
+    assert not empty_mask.any() and empty_eos == 1  # the empty answer's EOS counts: the model learns to stop
+    assert answer_mask.any() and answer_eos == 1
+    assert prompt_eos == 0  # no answer segment at all: nothing to learn from it
+    split = meta["splits"]["train"]
+    assert split["documents_without_loss"] == 1 and split["documents_with_prompt"] == 3
+
+
+def test_summary_names_the_longest_documents_and_warns_about_one_that_dominates(corpus, tmp_path, capsys):
+    root, _, _ = corpus
+    records = [text_record(f"{i} plus {i} makes {2 * i}.") for i in range(20)]
+    records.insert(7, {**text_record(" ".join(["long line"] * 400)), "source": "raw/chat.jsonl:8"})
+    records.append({"source": "p.jsonl:1", "kind": "instruction", "segments": [{"text": "hm", "response": False}]})
+    path = write_rendered(tmp_path / "rendered", records)
+    meta = tokenize_records(path, root / "tokenizer", tmp_path / "tokens", PARAMS)
+    split = meta["splits"]["train"]
+    longest = split["longest_documents"]
+    assert longest[0]["source"] == "raw/chat.jsonl:8" and longest[0]["index"] == 7
+    assert longest[0]["tokens"] == split["document_tokens"]["max"] > 10 * split["document_tokens"]["median"]
+    assert [d["tokens"] for d in longest] == sorted((d["tokens"] for d in longest), reverse=True)
+    out = capsys.readouterr().out
+    assert "longest: " in out and "(raw/chat.jsonl:8, " in out
+    assert "1 documents have no token in the loss" in out
+    assert "warning: one train document" in out and "raw/chat.jsonl:8" in out.split("warning:")[1]
+    tokenize_records(write_rendered(tmp_path / "even", records[:7] + records[8:]), root / "tokenizer",
+                     tmp_path / "even-tokens", PARAMS)
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_token_that_straddles_the_prompt_response_boundary_counts():
     # "Q: " | "yes" where the tokenizer merged " yes" into one token: that token is the answer's first token.
     text = "Q: yes. Ok"

@@ -1,9 +1,9 @@
 """What a training session will do, decided once before it starts: pure functions, no I/O.
 
 A run is defined by its fingerprint: the sha256 of the settings that define it (model, tokenizer and training data,
-seq_len, global batch, optimiser and schedule settings, seed, budget). From params.yaml, the token files' meta, the
-tokenizer and the checkpoints found, `decide` makes one immutable Decision: the run's plan, the checkpoint to resume
-(or none, and why), the grad_accum for this number of processes, and the messages to print. Rank 0 makes it, every
+seq_len, packing, global batch, optimiser and schedule settings, seed, budget). From params.yaml, the token files'
+meta, the tokenizer and the checkpoints found, `decide` makes one immutable Decision: the run's plan, the checkpoint to
+resume (or none, and why), the grad_accum for this number of processes, and the messages to print. Rank 0 makes it, every
 process receives the same Decision (as JSON), and the session runs it without deciding anything again.
 
 Resume (`train.resume`): `auto` resumes a matching checkpoint and otherwise starts a new run, naming the settings
@@ -23,6 +23,7 @@ from stages.lib.checkpoint import Checkpoint
 from stages.lib.errors import UserError
 from stages.lib.params import TrainParams
 from stages.lib.schedule import total_steps
+from stages.lib.token_files import packing_for
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Inputs:
     """What the decision is made from, besides params.yaml: read by rank 0 before deciding."""
 
     meta: dict  # the token files' meta.json
-    windows_per_epoch: int
+    samples_per_epoch: int  # training samples (stream windows or packed samples) in one pass over the data
     vocab_size: int  # the model's: the tokenizer's length or the token files' vocabulary, whichever is larger
     special_ids: dict
     base_model: dict | None  # what identifies train.init_from's model (None: a new model from train.model)
@@ -109,7 +110,7 @@ def run_plan(train: TrainParams, inputs: Inputs, world_size: int) -> RunPlan:
     """The run's fingerprint and length."""
     values = fingerprint_values(train, inputs.meta, world_size, inputs.base_model)
     fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-    total = total_steps(train.total_step_budget, train.epochs, inputs.windows_per_epoch, values["global_batch"])
+    total = total_steps(train.total_step_budget, train.epochs, inputs.samples_per_epoch, values["global_batch"])
     return RunPlan(values, fingerprint, total)
 
 
@@ -123,7 +124,8 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],
         "train_mask_sha256": meta["splits"]["train"].get("mask_sha256"),  # train_on_prompt changes only the mask
-        "seq_len": train.seq_len, "global_batch": train.batch_size * train.grad_accum * world_size,
+        "seq_len": train.seq_len, "packing": packing_for(meta, train.packing),
+        "global_batch": train.batch_size * train.grad_accum * world_size,
         "lr": train.lr, "min_lr": train.min_lr, "warmup_steps": train.warmup_steps,
         "weight_decay": train.weight_decay, "beta1": train.beta1, "beta2": train.beta2, "grad_clip": train.grad_clip,
         "seed": train.seed, "total_step_budget": train.total_step_budget,

@@ -56,6 +56,22 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int) -> P
     return model
 
 
+def pick_document_attention(model: PreTrainedModel, device: torch.device, autocast_dtype: torch.dtype | None) -> str:
+    """Switch the model to the fastest attention transformers offers for packed documents here; returns its name.
+
+    Position ids that restart at each document tell transformers where documents begin. With `sdpa` (the default,
+    and the only choice on CPUs) it builds a block-diagonal causal mask; with the flash-attention package on a GPU
+    running bf16 or fp16, the variable-length kernel attends within each document only, computing nothing for the
+    masked blocks (batches are then flattened into one row, as that kernel wants: see stages/lib/loss.py).
+    """
+    from transformers.utils import is_flash_attn_2_available
+    flash = (device.type == "cuda" and autocast_dtype in (torch.bfloat16, torch.float16)
+             and is_flash_attn_2_available() and getattr(model, "_supports_flash_attn", False))
+    if flash:
+        model.set_attn_implementation("flash_attention_2")
+    return model.config._attn_implementation
+
+
 def has_plain_head(model: PreTrainedModel) -> bool:
     """Whether the logits are just a bias-free linear map of the last hidden state (so chunking is exact)."""
     head = model.get_output_embeddings()
