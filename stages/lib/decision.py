@@ -3,8 +3,8 @@
 A run is defined by its fingerprint: the sha256 of the settings that define it (model, tokenizer and training data,
 seq_len, packing, global batch, optimiser and schedule settings, seed, budget). From params.yaml, the token files'
 meta, the tokenizer and the checkpoints found, `decide` makes one immutable Decision: the run's plan, the checkpoint to
-resume (or none, and why), the grad_accum for this number of processes, and the messages to print. Rank 0 makes it, every
-process receives the same Decision (as JSON), and the session runs it without deciding anything again.
+resume (or none, and why), the grad_accum for this number of processes, and the messages to print. Rank 0 makes it,
+every process receives the same Decision (as JSON), and the session runs it without deciding anything again.
 
 Resume (`train.resume`): `auto` resumes a matching checkpoint and otherwise starts a new run, naming the settings
 that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a session can

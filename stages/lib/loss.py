@@ -72,7 +72,8 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.loss_sum = make_loss_fn(model, compile=compile)
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of the token losses of the batch (labels -100 skipped); see make_loss_fn for `positions`."""
         return self.loss_sum(inputs, labels, positions)
 
