@@ -281,7 +281,7 @@ def print_summary(meta: dict) -> None:
         if not s["documents"]:
             continue
         lengths = s["document_tokens"]
-        longest = ", ".join(f"{d['tokens']:,} ({d['source']}, {d['tokens'] / s['tokens']:.1%} of the tokens)"
+        longest = ", ".join(f"{d['tokens']:,} ({d['source']}, {_share(d['tokens'] / s['tokens'])} of the tokens)"
                             for d in s["longest_documents"])
         print(f"tokenize: {split}: tokens per document: median {lengths['median']:,}, 99th percentile "
               f"{lengths['p99']:,}; longest: {longest}")
@@ -290,6 +290,10 @@ def print_summary(meta: dict) -> None:
                   "with no answer): they teach nothing")
     for warning in dominant_documents(meta):
         print(f"tokenize: {warning}")
+
+
+def _share(share: float) -> str:
+    return f"{share:.1%}" if share >= 0.001 else "<0.1%"
 
 
 if __name__ == "__main__":
