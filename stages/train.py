@@ -38,7 +38,7 @@ from stages.lib.errors import UserError, run_stage
 from stages.lib.export import export_model
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.live_logs import has_logs
-from stages.lib.model import build_model, pick_document_attention, tied_names
+from stages.lib.model import build_model, keeps_documents_apart, pick_document_attention, tied_names
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_params
 from stages.lib.precision import pick_precision
@@ -156,6 +156,10 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids)
     if decision.plan.values["packing"] == "documents":
+        if not keeps_documents_apart(model):
+            raise UserError(f"train.packing = documents, but this {type(model).__name__} ignores the position ids "
+                            "that keep packed documents apart, so they would attend to each other; set "
+                            "train.packing: stream")
         pick_document_attention(model, world.device, pick_precision(train.precision, world.device).autocast_dtype)
     parallel = parallel_model(model, world, train.strategy, train.compile)
     trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir)

@@ -6,7 +6,7 @@ import torch
 
 from stages.lib.batches import IGNORE_INDEX, Batch, PackedDocuments
 from stages.lib.loss import make_loss_fn, one_row
-from stages.lib.model import new_model, pick_document_attention
+from stages.lib.model import keeps_documents_apart, new_model, pick_document_attention
 from stages.lib.params import ModelParams
 
 VOCAB, SEQ = 64, 32
@@ -84,3 +84,11 @@ def test_a_batch_flattened_into_one_row_for_the_variable_length_kernel_keeps_its
                                    loss_sum(*parts(batch)), rtol=1e-5, atol=1e-5)
     # On a CPU the block-diagonal mask of scaled-dot-product attention is the way.
     assert pick_document_attention(model, torch.device("cpu"), None) == "sdpa"
+
+
+def test_a_model_whose_attention_ignores_document_positions_is_caught(monkeypatch):
+    model = tiny_model()
+    assert keeps_documents_apart(model) and not model.training
+    import transformers.masking_utils as masking
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)  # one causal window
+    assert not keeps_documents_apart(model)

@@ -53,3 +53,11 @@ def test_token_files_of_the_old_format_are_refused_with_what_to_do(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"format 1, but this code reads format 2 .*rerun the tokenize stage"):
         session(root)
+
+
+def test_a_model_that_would_let_packed_documents_see_each_other_is_refused(tmp_path, monkeypatch):
+    import transformers.masking_utils as masking
+    root = make_workspace(tmp_path, prompts=True)
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(UserError, match="ignores the position ids that keep packed documents apart"):
+        session(root)

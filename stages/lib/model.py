@@ -72,6 +72,23 @@ def pick_document_attention(model: PreTrainedModel, device: torch.device, autoca
     return model.config._attn_implementation
 
 
+def keeps_documents_apart(model: PreTrainedModel) -> bool:
+    """Whether the model's attention honours position ids that restart at a document: probed on one packed row of
+    two documents, whose second must come out as it does alone (a model family whose own code ignores them would
+    let packed documents see each other)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+            alone = model.base_model(input_ids=ids[:, 3:], use_cache=False).last_hidden_state
+    finally:
+        model.train(was_training)
+    return torch.allclose(packed[:, 3:].float(), alone.float(), rtol=1e-3, atol=1e-4)
+
+
 def has_plain_head(model: PreTrainedModel) -> bool:
     """Whether the logits are just a bias-free linear map of the last hidden state (so chunking is exact)."""
     head = model.get_output_embeddings()
