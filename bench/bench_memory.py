@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import make_workspace  # noqa: E402
 from stages.lib import memory  # noqa: E402
-from stages.lib.batches import TrainBatches, split_windows  # noqa: E402
+from stages.lib.batches import TrainBatches, split_samples  # noqa: E402
 from stages.lib.model import checkpoint_activations, model_config  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
 from stages.lib.precision import pick_precision  # noqa: E402
 from stages.lib.session import Session  # noqa: E402
-from stages.lib.token_files import read_meta  # noqa: E402
+from stages.lib.token_files import packing_for, read_meta  # noqa: E402
 from stages.lib.world import World  # noqa: E402
 from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
 
@@ -61,8 +61,9 @@ def _prepared(root: Path, case: dict):
         "activation_checkpointing": case["checkpointing"]}}).train
     train = replace(train, checkpoint_dir=str(root / "checkpoints"), out_dir=str(root / "outputs"))
     tokens = root / "data" / "tokens"
-    windows = split_windows(tokens, "train", train.seq_len, required=True)
-    decision = decide_on_main(train, read_meta(tokens), windows.count, root / "data" / "tokenizer",
+    meta = read_meta(tokens)
+    windows = split_samples(tokens, "train", train.seq_len, packing_for(meta, train.packing), train.seed, required=True)
+    decision = decide_on_main(train, meta, windows.count, root / "data" / "tokenizer",
                               root / "recovery", False, 1)
     return train, windows, decision, pick_precision(train.precision, device, warn=False)
 

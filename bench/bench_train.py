@@ -1,6 +1,6 @@
 """Benchmark of the train loop: tokens/s and model FLOP/s next to the measured matmul peak (and, on a GPU, the
-MFU against the card's bf16 peak), against a plain HuggingFace loop, and the time from process start to the first
-step when resuming far into a run.
+MFU against the card's bf16 peak), against a plain HuggingFace loop; `documents` against `stream` packing on the
+same documents; and the time from process start to the first step when resuming far into a run, in both packings.
 
     python bench/bench_train.py                      # both configs, 3 interleaved rounds (on a GPU if there is one)
     python bench/bench_train.py --configs gpt2-16m --rounds 5 --steps 3
@@ -15,6 +15,8 @@ changes affects all three alike; medians are reported. Model FLOPs per token = 6
 parameters, L layers, H heads, Q head size, T context). MFU = model FLOP/s / the GPU's dense 16-bit peak from its data sheet
 (GPU_PEAK_TFLOPS, by device name), or the measured matmul peak for a card not in the table. `--precision fp16`
 times fp16 autocast with loss scaling (both loops), as on a T4 or V100.
+The packing rounds time our step in both packings, one after the other, on instruction documents whose median
+length is a third of seq_len; document tokens/s leave out the padding, which `stream` does not have.
 """
 
 import argparse
@@ -33,12 +35,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib.batches import TrainBatches, split_windows  # noqa: E402
+from stages.lib.batches import TrainBatches, split_samples  # noqa: E402
 from stages.lib.model import build_model  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
 from stages.lib.precision import pick_precision  # noqa: E402
 from stages.lib.session import Session  # noqa: E402
-from stages.lib.token_files import SplitWriter, new_meta, read_meta, write_meta  # noqa: E402
+from stages.lib.token_files import SplitWriter, new_meta, packing_for, read_meta, write_meta  # noqa: E402
 from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
 from stages.lib.world import World  # noqa: E402
 
@@ -57,8 +59,10 @@ CONFIGS = {
 }
 
 
-def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0) -> None:
-    """A word-level tokenizer of `vocab` entries and random token files written by the tokenize stage's writer."""
+def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0, median_document: int = 0) -> None:
+    """A word-level tokenizer of `vocab` entries and random token files written by the tokenize stage's writer:
+    one plain-text document per split, or (`median_document` > 0) instruction documents of lognormal lengths
+    around that median, each ending with EOS."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     words = {"<eos>": 0, **{f"w{i}": i for i in range(1, vocab)}}
@@ -70,10 +74,29 @@ def make_workspace(root: Path, vocab: int, n_tokens: int, seed: int = 0) -> None
     rng = np.random.default_rng(seed)
     meta = new_meta(vocab, 0, "bench", save_bin=True, save_jsonl=False)
     for split, n in (("train", n_tokens), ("val", n_tokens // 20)):
+        lengths = np.array([n])
+        if median_document:
+            lengths = np.maximum(2, rng.lognormal(np.log(median_document), 0.6, n // median_document)).astype(int)
+        ids = rng.integers(1, vocab, int(lengths.sum()))
+        ids[np.cumsum(lengths) - 1] = 0  # EOS ends every document
         with SplitWriter(tokens, split, meta["dtype"], save_bin=True, save_jsonl=False) as writer:
-            writer.write(rng.integers(0, vocab, n), np.ones(n, np.uint8), np.array([n]))
+            writer.write(ids, np.ones(len(ids), np.uint8), lengths, with_prompt=len(lengths) if median_document else 0)
         meta["splits"][split] = writer.summary()
     write_meta(tokens, meta)
+
+
+def our_session(root: Path, train, device: torch.device) -> Session:
+    """Our training session over the workspace's token files, built the way the train stage builds it."""
+    tokens = root / "data" / "tokens"
+    train = replace(train, checkpoint_dir=str(root / "checkpoints"), out_dir=str(root / "outputs"))
+    meta = read_meta(tokens)
+    samples = split_samples(tokens, "train", train.seq_len, packing_for(meta, train.packing), train.seed,
+                            required=True)
+    decision = decide_on_main(train, meta, samples.count, root / "data" / "tokenizer", root / "recovery", False, 1)
+    batches = TrainBatches(samples, train.seed, train.batch_size, train.grad_accum)
+    precision = pick_precision(train.precision, device)
+    trainee = build_trainee(train, decision, World(device=device), root / "outputs" / "live", precision)
+    return Session(train, decision, trainee, precision, batches, None, time.monotonic(), root / "recovery")
 
 
 # Dense 16-bit tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by a part of the device name:
@@ -132,7 +155,8 @@ class Baseline:
 
     def step(self, step: int) -> None:
         """One optimizer step over the same batches our loop reads."""
-        for inputs, labels in self.batches.step_batches(step):
+        for batch in self.batches.step_batches(step):
+            inputs, labels = batch.inputs, batch.labels
             # HuggingFace shifts labels itself: give it the window and labels aligned with the inputs.
             window = torch.cat([inputs, labels[:, -1:].clamp(min=0)], dim=1).to(self.device)
             shifted = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1).to(self.device)
@@ -155,19 +179,10 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device, precisi
         train = parse_params({"train": {**spec["train"], "device": device.type, "precision": precision,
                                         "compile": compile}}).train
         make_workspace(root, spec["vocab"], n_tokens=max(200_000, 50 * train.seq_len * train.batch_size))
-        tokens = root / "data" / "tokens"
-        windows = split_windows(tokens, "train", train.seq_len, required=True)
-        train = replace(train, checkpoint_dir=str(root / "checkpoints"), out_dir=str(root / "outputs"))
-        decision = decide_on_main(train, read_meta(tokens), windows.count, root / "data" / "tokenizer",
-                                  root / "recovery", False, 1)
-        batches = TrainBatches(windows, train.seed, train.batch_size, train.grad_accum)
-        world = World(device=device)
-        precision = pick_precision(train.precision, device)
-        trainee = build_trainee(train, decision, world, root / "outputs" / "live", precision)
-        ours_model = trainee.parallel.model
-        ours = Session(train, decision, trainee, precision, batches, None, time.monotonic(), root / "recovery")
-        base = Baseline(build_model(train, decision.vocab_size, decision.special_ids), train, batches, device,
-                        ours.precision)
+        ours = our_session(root, train, device)
+        ours_model, batches = ours.model, ours.batches
+        base = Baseline(build_model(train, ours.decision.vocab_size, ours.decision.special_ids), train, batches,
+                        device, ours.precision)
         per_token = flops_per_token(ours_model, train.seq_len)
         tokens = batches.samples_per_step * train.seq_len
         ours.step(0), base.step(0)  # warm-up: first-call allocations
@@ -195,6 +210,36 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device, precisi
     return result
 
 
+def bench_packing(name: str, rounds: int, steps: int, device: torch.device) -> dict:
+    """Our step in `stream` and in `documents` packing on the same instruction documents (median a third of
+    seq_len), interleaved: token positions/s, document tokens/s (padding excluded) and the padding share."""
+    spec = CONFIGS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train = parse_params({"train": {**spec["train"], "device": device.type}}).train
+        make_workspace(root, spec["vocab"], n_tokens=max(200_000, 50 * train.seq_len * train.batch_size),
+                       median_document=train.seq_len // 3)
+        sessions = {packing: our_session(root, replace(train, packing=packing), device)
+                    for packing in ("stream", "documents")}
+        for session in sessions.values():
+            session.step(0)  # warm-up: first-call allocations
+        times = {packing: [] for packing in sessions}
+        for r in range(rounds):
+            for packing, session in sessions.items():
+                times[packing].append(statistics.median(_timed(lambda s=s: session.step(s), device)
+                                                        for s in range(1, steps + 1)))
+            print(f"  {name} packing round {r + 1}: " + ", ".join(f"{p} {t[-1]:.3f} s/step" for p, t in
+                                                                  times.items()), flush=True)
+    result = {"config": name}
+    for packing, session in sessions.items():
+        padding = session.batches.samples.facts()["padding_share"]
+        positions = session.batches.samples_per_step * train.seq_len / statistics.median(times[packing])
+        result[packing] = {"positions_per_s": positions, "tokens_per_s": positions * (1 - padding),
+                           "padding_share": padding}
+    result["documents_over_stream"] = result["documents"]["tokens_per_s"] / result["stream"]["tokens_per_s"]
+    return result
+
+
 CHILD = """
 import json, sys, time
 from stages.lib.params import load_params
@@ -216,14 +261,15 @@ def _session(root: Path, train: dict) -> dict:
     return {"start_step": out["start_step"], "seconds_to_first_step": out["first_step_at"] - began}
 
 
-def bench_startup(far_step: int, repeats: int) -> dict:
-    """Seconds from process start to the end of the first step: a new run vs resuming at step `far_step`."""
+def bench_startup(far_step: int, repeats: int, packing: str) -> dict:
+    """Seconds from process start to the end of the first step: a new run vs resuming at step `far_step`, on 20M
+    tokens of plain text (stream) or of instruction documents of about 85 tokens (documents)."""
     spec = CONFIGS["gpt2-16m"]
     train = {**spec["train"], "device": "cpu", "total_step_budget": 2 * far_step, "steps_today": 1,
-             "eval_batches": 1, "save_every": 10**9, "eval_every": 10**9}
+             "eval_batches": 1, "save_every": 10**9, "eval_every": 10**9, "packing": packing}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_workspace(root, spec["vocab"], n_tokens=20_000_000)
+        make_workspace(root, spec["vocab"], n_tokens=20_000_000, median_document=85 if packing == "documents" else 0)
         _session(root, train)  # step 1's checkpoint, renamed below as if the run had reached far_step
         checkpoint = next((root / "checkpoints").glob("step-*"))
         state = json.loads((checkpoint / "state.json").read_text())
@@ -233,13 +279,13 @@ def bench_startup(far_step: int, repeats: int) -> dict:
         for recovery in (root / ".checkpoint-recovery").glob("step-*"):
             recovery.rename(recovery.with_name(f"step-{far_step:08d}"))
             (recovery.with_name(f"step-{far_step:08d}") / "state.json").write_text(json.dumps(state))
-        times = {"new run": [], f"resume at step {far_step:,}": []}
+        times = {f"{packing}, new run": [], f"{packing}, resume at step {far_step:,}": []}
         for _ in range(repeats):
-            times["new run"].append(_session(root, {**train, "resume": "never", "checkpoint_dir": "scratch",
-                                                    "out_dir": "scratch-out"}))
+            times[f"{packing}, new run"].append(_session(root, {**train, "resume": "never", "checkpoint_dir": "scratch",
+                                                                "out_dir": "scratch-out"}))
             resumed = _session(root, train)
             assert resumed["start_step"] == far_step, resumed
-            times[f"resume at step {far_step:,}"].append(resumed)
+            times[f"{packing}, resume at step {far_step:,}"].append(resumed)
             # Put the far checkpoint back for the next repeat (the session saved far_step + 1).
             for folder in (root / "checkpoints", root / ".checkpoint-recovery"):
                 latest = next(folder.glob("step-*"))
@@ -274,12 +320,14 @@ def main() -> None:
                           else "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loops on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    results = {"loops": [], "startup": None}
+    results = {"loops": [], "packing": [], "startup": None}
     if not args.startup_only:
         for name in args.configs.split(","):
             results["loops"].append(bench_loop(name, args.rounds, args.steps, device, args.precision, args.compile))
+            results["packing"].append(bench_packing(name, args.rounds, args.steps, device))
     if not args.no_startup:
-        results["startup"] = bench_startup(args.far_step, args.startup_repeats)
+        results["startup"] = {**bench_startup(args.far_step, args.startup_repeats, "stream"),
+                              **bench_startup(args.far_step, args.startup_repeats, "documents")}
     for r in results["loops"]:
         sheet = f", data-sheet peak {r['datasheet_peak_gflops']:.0f}" if r["datasheet_peak_gflops"] else ""
         print(f"{r['config']} on {r['device']} ({r['precision']}): {r['parameters']:,} parameters, "
@@ -290,6 +338,12 @@ def main() -> None:
             print(f"  {loop:8s} {x['tokens_per_s']:10,.0f} tokens/s  {x['gflops']:8.1f} GFLOP/s  "
                   f"{100 * x['share_of_peak']:4.0f}% of measured peak{mfu}")
         print(f"  ours / baseline: {r['speedup']:.2f}x")
+    for r in results["packing"]:
+        for packing in ("stream", "documents"):
+            x = r[packing]
+            print(f"{r['config']} {packing:9s} {x['positions_per_s']:10,.0f} positions/s {x['tokens_per_s']:10,.0f} "
+                  f"document tokens/s, {100 * x['padding_share']:.1f}% padding")
+        print(f"  documents / stream (document tokens/s): {r['documents_over_stream']:.2f}x")
     if results["startup"]:
         for name, seconds in results["startup"].items():
             print(f"process start -> first step done, {name}: {seconds:.1f} s")

@@ -12,9 +12,12 @@ split of `data/tokens/`, and `evaluate.prompts_path`. Writes to `<train.out_dir>
 - `samples.jsonl`: one line per held-out prompt, `{"prompt", "expected", "generated", "correct"}`, where `prompt`
   is the instruction (and its input, after a blank line) as the held-out file gives it.
 
-Validation loss: the token stream is cut into consecutive windows of `train.seq_len` predictions (window k reads
-tokens [k*seq_len, (k+1)*seq_len) and predicts the next token of each), so every token after the first is predicted
-once, with the context its window gives; `evaluate.max_val_tokens` > 0 scores only the first that many tokens.
+Validation loss: the validation split is cut into samples the way training cuts it (`train.packing`, see
+stages/lib/batches.py): consecutive windows of `train.seq_len` predictions over the token stream (every token after
+the first predicted once, with the context its window gives), or whole documents packed with attention kept inside
+each (every token of a document after its first predicted once). It is computed like the training loss, through the
+chunked head (stages/lib/loss.py) with no KV cache, so memory does not grow with the vocabulary; samples with no
+token that counts are skipped. `evaluate.max_val_tokens` > 0 scores only the first that many tokens.
 Held-out answers: greedy decoding from the prompt training used for instruction data (Alpaca, or the chat template
 when `render.template` names one), up to `evaluate.max_new_tokens`, stopping at EOS (or an end-of-turn token such
 as `<|im_end|>`), prompts batched `evaluate.batch_size` at a time. Instruction and chat data have these; for a
@@ -28,14 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from stages.lib.batches import IGNORE_INDEX, Batch, Samples, split_samples
 from stages.lib.errors import UserError, run_stage
 from stages.lib.files import write_atomically
 from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
+from stages.lib.loss import make_loss_fn
 from stages.lib.params import MODELS_DIR, TOKENS_DIR, load_params
-from stages.lib.token_files import open_split
+from stages.lib.token_files import packing_for, read_meta
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
 LEADING = ("val_loss", "exact_match")
@@ -50,10 +54,10 @@ def main() -> None:
         raise UserError(f"{model_dir} not found: run the train stage first (dvc repro train), which exports the "
                         f"model there (train.model_name = {params.train.model_name!r})")
     model, tokenizer = load_model(model_dir, params.tokenizer.trust_remote_code, params.train.device)
-    ids, mask = open_split(TOKENS_DIR, "val")
-    if p.max_val_tokens:
-        ids, mask = ids[:p.max_val_tokens], mask[:p.max_val_tokens]
-    metrics = validation_loss(model, ids, mask, params.train.seq_len, p.batch_size)
+    packing = packing_for(read_meta(TOKENS_DIR), params.train.packing)
+    samples = split_samples(TOKENS_DIR, "val", params.train.seq_len, packing, seed=None, required=False,
+                            max_tokens=p.max_val_tokens)
+    metrics = validation_loss(model, samples, p.batch_size)
     examples = read_heldout(p.prompts_path, p.num_prompts)
     template = instruction_template(params.render.template)
     samples = answer_heldout(model, tokenizer, examples, p.max_new_tokens, p.batch_size, template)
@@ -63,46 +67,33 @@ def main() -> None:
     print(summary(metrics, eval_dir))
 
 
-def validation_loss(model, ids: np.ndarray, mask: np.ndarray, seq_len: int, batch_size: int) -> dict:
-    """Masked mean loss and perplexity of the model over the token stream, in windows of seq_len predictions."""
-    starts = window_starts(mask, seq_len)
+def validation_loss(model, samples: Samples | None, batch_size: int) -> dict:
+    """Masked mean loss and perplexity of the model over every validation sample, `batch_size` samples at a time."""
+    loss_sum = make_loss_fn(model)
     total, counted = 0.0, 0
-    for at in tqdm(range(0, len(starts), batch_size), desc="val loss", unit="batch", leave=False,
-                   disable=len(starts) <= batch_size):
-        x, y, m = window_batch(ids, mask, starts[at:at + batch_size], seq_len)
+    count = samples.count if samples is not None else 0
+    for at in tqdm(range(0, count, batch_size), desc="val loss", unit="batch", leave=False,
+                   disable=count <= batch_size):
+        chosen = np.arange(at, min(at + batch_size, count))
+        batch = scored_rows(samples.gather(chosen, np.zeros(len(chosen), np.int64)))
+        if batch is None:
+            continue
+        batch = batch.to(model.device)
         with torch.inference_mode():
-            logits = model(input_ids=x.to(model.device)).logits.float()
-        losses = F.cross_entropy(logits.flatten(0, 1), y.to(model.device).flatten(), reduction="none")
-        total += float((losses.double() * m.to(model.device).flatten()).sum())
-        counted += int(m.sum())
+            total += float(loss_sum(batch.inputs, batch.labels, batch.positions))
+        counted += batch.counted()
     loss = total / counted if counted else None
     return {"val_loss": _round(loss), "perplexity": _round(math.exp(min(loss, 700)) if counted else None),
-            "val_tokens": len(ids), "val_loss_tokens": counted}
+            "val_tokens": len(samples.ids) if samples is not None else 0, "val_loss_tokens": counted}
 
 
-def window_starts(mask: np.ndarray, seq_len: int) -> np.ndarray:
-    """First token of each window of seq_len predictions, skipping windows with no token that counts."""
-    n = len(mask)
-    starts = np.arange(0, max(n - 1, 0), seq_len)
-    counted = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
-    # Window s predicts tokens s+1 .. min(s+seq_len, n-1).
-    per_window = counted[np.minimum(starts + seq_len, n - 1) + 1] - counted[starts + 1]
-    return starts[per_window > 0]
-
-
-def window_batch(ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, seq_len: int):
-    """Inputs, targets and target mask (each batch x seq_len) for windows starting at `starts`.
-
-    A window running past the end (the last one) is padded; its padded targets have mask 0, and since attention is
-    causal the padding does not change the predictions before it.
-    """
-    n = len(ids)
-    positions = starts[:, None] + np.arange(seq_len + 1)
-    inside = positions < n
-    positions = np.minimum(positions, n - 1)
-    tokens = torch.from_numpy(ids[positions].astype(np.int64))
-    counts = torch.from_numpy((mask[positions] * inside).astype(np.float32))
-    return tokens[:, :-1], tokens[:, 1:], counts[:, 1:]
+def scored_rows(batch: Batch) -> Batch | None:
+    """The rows of `batch` with a token that counts (None when there is none): the others cost a forward pass for
+    nothing."""
+    keep = (batch.labels != IGNORE_INDEX).any(dim=1)
+    if not keep.any():
+        return None
+    return Batch(*(t[keep] if t is not None else None for t in (batch.inputs, batch.labels, batch.positions)))
 
 
 def read_heldout(path: str, limit: int = 0) -> list[dict]:

@@ -29,7 +29,7 @@ from stages.lib.errors import UserError, run_stage
 from stages.lib.files import replaced_folder
 from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
 from stages.lib.records import RECORDS_FILE, Document, parse_record
-from stages.lib.token_files import SplitWriter, id_dtype, new_meta, write_meta
+from stages.lib.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
 
@@ -68,12 +68,23 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
                 for docs, nbytes in prefetched(chunks):
                     ids, mask, doc_lengths = encode_documents(tok, docs, dtype, params.train_on_prompt)
-                    writer.write(ids, mask, doc_lengths)
+                    writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs))
                     progress.advance(nbytes, len(ids))
             meta["splits"][split] = writer.summary()
+            for longest in meta["splits"][split]["longest_documents"]:
+                longest["source"] = record_source(records_path, int(starts[order[longest["index"]]]),
+                                                  int(lengths[order[longest["index"]]]))
         write_meta(folder, meta)
     print_summary(meta)
     return meta
+
+
+def record_source(path: Path, offset: int, length: int) -> str:
+    """Where the record at `offset` came from (its `source`, e.g. `data/raw/chat.jsonl:12`)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        source = json.loads(f.read(length)).get("source")
+    return source if isinstance(source, str) else f"{path}:{_line_number(path, offset)}"
 
 
 def load_tokenizer(folder: Path) -> TokenizerInfo:
@@ -260,12 +271,29 @@ class _Progress:
 
 
 def print_summary(meta: dict) -> None:
-    """Documents, tokens, tokens per document and share of tokens in the loss, per split."""
+    """Per split: documents, tokens, share of tokens in the loss, document lengths and the longest documents, the
+    documents that teach nothing; then a warning for any document that is most of the training data."""
     for split, s in meta["splits"].items():
         per_doc = s["tokens"] / s["documents"] if s["documents"] else 0
         share = s["loss_tokens"] / s["tokens"] if s["tokens"] else 0
         print(f"tokenize: {split}: {s['documents']:,} documents, {s['tokens']:,} tokens ({per_doc:.1f} per document), "
               f"{share:.1%} of tokens in the loss")
+        if not s["documents"]:
+            continue
+        lengths = s["document_tokens"]
+        longest = ", ".join(f"{d['tokens']:,} ({d['source']}, {_share(d['tokens'] / s['tokens'])} of the tokens)"
+                            for d in s["longest_documents"])
+        print(f"tokenize: {split}: tokens per document: median {lengths['median']:,}, 99th percentile "
+              f"{lengths['p99']:,}; longest: {longest}")
+        if s["documents_without_loss"]:
+            print(f"tokenize: {split}: {s['documents_without_loss']:,} documents have no token in the loss (a prompt "
+                  "with no answer): they teach nothing")
+    for warning in dominant_documents(meta):
+        print(f"tokenize: {warning}")
+
+
+def _share(share: float) -> str:
+    return f"{share:.1%}" if share >= 0.001 else "<0.1%"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ checkpoint, logs to DVCLive, exports the model to `models/<model_name>/`, draws 
 Once the budget is spent a session changes nothing, and says so before importing torch.
 
 Budget: `total_step_budget` optimizer steps over all sessions, or, when it is 0, `epochs` passes over the training
-windows rounded up to whole steps. The learning-rate schedule (`train.schedule`: cosine, or wsd) spans the whole
+samples (windows of the token stream, or packed whole documents: `train.packing`, stages/lib/batches.py) rounded
+up to whole steps. The learning-rate schedule (`train.schedule`: cosine, or wsd) spans the whole
 budget, so splitting a run into sessions changes nothing: on CPU the weights come out bitwise identical. Raising the
 budget later continues the run from its checkpoint (stages/lib/decision.py says how).
 

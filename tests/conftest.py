@@ -63,11 +63,13 @@ def text_records(texts: list[str]) -> list[dict]:
 
 
 def write_token_files(folder: Path, splits: dict[str, list[tuple[np.ndarray, np.ndarray]]], vocab_size: int,
-                      eos_id: int, tokenizer_json: Path | None = None) -> dict:
-    """Token files (meta.json, .bin, .mask.bin) written by the tokenize stage's own writer; returns the meta.
+                      eos_id: int, tokenizer_json: Path | None = None, prompts: bool = False) -> dict:
+    """Token files (meta.json, .bin, .mask.bin, .docs.bin) written by the tokenize stage's own writer; returns the
+    meta.
 
     `splits`: split name -> documents, each (ids, mask) with its EOS included; `tokenizer_json`: the file whose
-    sha256 the train stage compares with the tokenizer it loads.
+    sha256 the train stage compares with the tokenizer it loads; `prompts`: every document holds prompt text
+    (instruction or chat data, which `train.packing: auto` packs as whole documents), else it is plain text.
     """
     folder.mkdir(parents=True, exist_ok=True)
     fingerprint = hashlib.sha256(tokenizer_json.read_bytes()).hexdigest() if tokenizer_json else "test"
@@ -76,7 +78,7 @@ def write_token_files(folder: Path, splits: dict[str, list[tuple[np.ndarray, np.
         with SplitWriter(folder, split, meta["dtype"], save_bin=True, save_jsonl=False) as writer:
             if docs:
                 writer.write(np.concatenate([ids for ids, _ in docs]), np.concatenate([m for _, m in docs]),
-                             np.array([len(ids) for ids, _ in docs], np.int64))
+                             np.array([len(ids) for ids, _ in docs], np.int64), with_prompt=len(docs) if prompts else 0)
         meta["splits"][split] = writer.summary()
     write_meta(folder, meta)
     return meta

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from stages import evaluate
+from stages.lib.batches import PackedDocuments, StreamWindows
 from stages.lib.errors import UserError
 from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
 from conftest import write_token_files
@@ -23,7 +24,13 @@ def loaded(tmp_path_factory):
 
 
 def reference_loss(model, ids, mask, seq_len):
-    """Loss the plain way: one window at a time, no padding, no batching."""
+    """Loss the plain way: one window at a time, no padding, no batching; (mean loss, tokens counted)."""
+    total, counted = reference_sum(model, ids, mask, seq_len)
+    return total / counted, counted
+
+
+def reference_sum(model, ids, mask, seq_len):
+    """(summed loss, tokens counted) of consecutive windows of the stream, one at a time."""
     total, counted = 0.0, 0
     for start in range(0, len(ids) - 1, seq_len):
         window = torch.tensor(ids[start:start + seq_len + 1], dtype=torch.long)
@@ -33,7 +40,11 @@ def reference_loss(model, ids, mask, seq_len):
         weights = torch.tensor(mask[start + 1:start + seq_len + 1], dtype=torch.float64)
         total += float((losses.double() * weights).sum())
         counted += int(weights.sum())
-    return total / counted, counted
+    return total, counted
+
+
+def windows(ids, mask):
+    return StreamWindows(ids, mask, np.array([0]), SEQ_LEN)
 
 
 def test_loss_counts_only_masked_tokens_and_matches_a_plain_loop(loaded):
@@ -43,28 +54,37 @@ def test_loss_counts_only_masked_tokens_and_matches_a_plain_loop(loaded):
     ids = rng.integers(0, len(tokenizer), n).astype(np.uint16)
     mask = (rng.random(n) < 0.5).astype(np.uint8)
     mask[-3:] = 1  # the short last window counts
+    mask[SEQ_LEN + 1:2 * SEQ_LEN + 1] = 0  # the second window has nothing to score: skipped
     expected, counted = reference_loss(model, ids, mask, SEQ_LEN)
     assert counted == int(mask[1:].sum())
     for batch_size in (1, 3, 16):
-        result = evaluate.validation_loss(model, ids, mask, SEQ_LEN, batch_size)
+        result = evaluate.validation_loss(model, windows(ids, mask), batch_size)
         assert result["val_loss"] == pytest.approx(expected, abs=2e-6)
         assert result["perplexity"] == pytest.approx(np.exp(expected), rel=1e-5)
         assert result["val_loss_tokens"] == counted and result["val_tokens"] == n
     changed = mask.copy()
     changed[5] = 1 - changed[5]
-    assert evaluate.validation_loss(model, ids, changed, SEQ_LEN, 4)["val_loss"] != pytest.approx(expected, abs=1e-6)
+    assert evaluate.validation_loss(model, windows(ids, changed), 4)["val_loss"] != pytest.approx(expected, abs=1e-6)
+    empty = evaluate.validation_loss(model, windows(ids, np.zeros_like(mask)), 4)
+    assert empty == {"val_loss": None, "perplexity": None, "val_tokens": n, "val_loss_tokens": 0}
 
 
-def test_windows_without_loss_tokens_are_skipped_and_no_loss_tokens_gives_null(loaded):
-    model, _ = loaded
-    mask = np.zeros(4 * SEQ_LEN, np.uint8)
-    mask[2 * SEQ_LEN + 3] = 1  # predicted by the window starting at 2*SEQ_LEN
-    assert evaluate.window_starts(mask, SEQ_LEN).tolist() == [2 * SEQ_LEN]
-    mask[SEQ_LEN] = 1  # the last target of window 0, the first token of window 1 (never a target there)
-    assert evaluate.window_starts(mask, SEQ_LEN).tolist() == [0, 2 * SEQ_LEN]
-    ids = np.arange(len(mask), dtype=np.uint16)
-    empty = evaluate.validation_loss(model, ids, np.zeros_like(mask), SEQ_LEN, 4)
-    assert empty == {"val_loss": None, "perplexity": None, "val_tokens": len(mask), "val_loss_tokens": 0}
+def test_documents_loss_is_each_document_scored_alone(loaded):
+    model, tokenizer = loaded
+    rng = np.random.default_rng(1)
+    lengths = [5, 3, 2 * SEQ_LEN + 3, 1, 7]  # one longer than seq_len, cut into pieces; a lone EOS predicts nothing
+    docs = [rng.integers(0, len(tokenizer), n).astype(np.uint16) for n in lengths]
+    masks = [(rng.random(n) < 0.7).astype(np.uint8) for n in lengths]
+    ids, mask = np.concatenate(docs), np.concatenate(masks)
+    starts = np.cumsum([0] + lengths[:-1])
+    # Pieces of seq_len predictions, each read with no context before it, as training reads them.
+    sums = [reference_sum(model, doc, doc_mask, SEQ_LEN) for doc, doc_mask in zip(docs, masks)]
+    total, counted = sum(t for t, _ in sums), sum(n for _, n in sums)
+    packed = PackedDocuments(ids, mask, starts, SEQ_LEN)
+    assert packed.count < sum(-(-(n - 1) // SEQ_LEN) for n in lengths)  # short documents share samples
+    result = evaluate.validation_loss(model, packed, batch_size=2)
+    assert result["val_loss_tokens"] == counted
+    assert result["val_loss"] == pytest.approx(total / counted, abs=2e-6)
 
 
 def test_heldout_file_errors_name_file_and_line(tmp_path):

@@ -47,9 +47,9 @@ def test_params_changed_only_in_the_values_the_command_sets_are_the_commands(tmp
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  lr: 0.1\n  steps_today: 0\n")
-    for command in (["git", "init", "-q"], ["git", "add", "params.yaml"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "p"]):
-        subprocess.run(command, check=True)
+    for git in (["git", "init", "-q"], ["git", "add", "params.yaml"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "p"]):
+        subprocess.run(git, check=True)
     ws.write_train_values({"steps_today": 50, "minutes_today": "auto"})  # left by an interrupted session
     assert ws.only_session_values_changed()
     params.write_text(params.read_text().replace("lr: 0.1", "lr: 0.2"))

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from conftest import write_rendered
 from stages.lib.errors import UserError
 from stages.lib.params import TokenizeParams
-from stages.lib.token_files import open_split, read_meta, token_dtype
+from stages.lib.token_files import document_starts, open_split, read_meta, token_dtype
 from stages.lib.records import parse_record
 from stages.tokenize import load_tokenizer, response_token_mask, split_documents, tokenize_records
 from stages.tokenizer import train_bpe
@@ -101,7 +101,9 @@ def test_decoding_train_bin_gives_back_each_document(corpus, tmp_path):
     assert meta["splits"]["train"]["tokens"] == len(ids)
     assert meta["splits"]["val"] == {"documents": 0, "tokens": 0, "loss_tokens": 0,
                                      "sha256": hashlib.sha256(b"").hexdigest(),
-                                     "mask_sha256": hashlib.sha256(b"").hexdigest()}
+                                     "mask_sha256": hashlib.sha256(b"").hexdigest(),
+                                     "documents_with_prompt": 0, "documents_without_loss": 0,
+                                     "document_tokens": {"median": 0, "p99": 0, "max": 0}, "longest_documents": []}
 
 
 def test_mask_covers_exactly_the_responses_and_their_eos(corpus, tmp_path):
@@ -138,6 +140,43 @@ def test_plain_text_is_all_loss_and_prompt_only_documents_none(corpus, tmp_path)
                                                                          ["eos_id"])
     assert text_mask.all() and text_eos == 1
     assert not prompt_mask.any() and prompt_eos == 0
+
+
+def test_an_empty_answer_still_teaches_ending_the_answer(corpus, tmp_path):
+    root, _, _ = corpus
+    records = [instruction_record("Say nothing.", ""), instruction_record("What is 1+1?", "2"),
+               {"source": "p.jsonl:3", "kind": "instruction", "segments": [{"text": "a prompt", "response": False}]}]
+    path = write_rendered(tmp_path / "rendered", records)
+    meta = tokenize_records(path, root / "tokenizer", tmp_path / "tokens", PARAMS)
+    ids, mask = open_split(tmp_path / "tokens", "train")
+    (_, empty_mask, empty_eos), (_, answer_mask, answer_eos), (_, _, prompt_eos) = split_docs(ids, mask,
+                                                                                             meta["eos_id"])
+    assert not empty_mask.any() and empty_eos == 1  # the empty answer's EOS counts: the model learns to stop
+    assert answer_mask.any() and answer_eos == 1
+    assert prompt_eos == 0  # no answer segment at all: nothing to learn from it
+    split = meta["splits"]["train"]
+    assert split["documents_without_loss"] == 1 and split["documents_with_prompt"] == 3
+
+
+def test_summary_names_the_longest_documents_and_warns_about_one_that_dominates(corpus, tmp_path, capsys):
+    root, _, _ = corpus
+    records = [text_record(f"{i} plus {i} makes {2 * i}.") for i in range(20)]
+    records.insert(7, {**text_record(" ".join(["long line"] * 400)), "source": "raw/chat.jsonl:8"})
+    records.append({"source": "p.jsonl:1", "kind": "instruction", "segments": [{"text": "hm", "response": False}]})
+    path = write_rendered(tmp_path / "rendered", records)
+    meta = tokenize_records(path, root / "tokenizer", tmp_path / "tokens", PARAMS)
+    split = meta["splits"]["train"]
+    longest = split["longest_documents"]
+    assert longest[0]["source"] == "raw/chat.jsonl:8" and longest[0]["index"] == 7
+    assert longest[0]["tokens"] == split["document_tokens"]["max"] > 10 * split["document_tokens"]["median"]
+    assert [d["tokens"] for d in longest] == sorted((d["tokens"] for d in longest), reverse=True)
+    out = capsys.readouterr().out
+    assert "longest: " in out and "(raw/chat.jsonl:8, " in out
+    assert "1 documents have no token in the loss" in out
+    assert "warning: one train document" in out and "raw/chat.jsonl:8" in out.split("warning:")[1]
+    tokenize_records(write_rendered(tmp_path / "even", records[:7] + records[8:]), root / "tokenizer",
+                     tmp_path / "even-tokens", PARAMS)
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_token_that_straddles_the_prompt_response_boundary_counts():
@@ -188,7 +227,8 @@ def test_same_seed_same_bytes_other_seed_other_order(corpus, tmp_path):
     run(corpus, tmp_path / "b", seed=7, **params)
     run(corpus, tmp_path / "c", seed=8, **params)
     names = sorted(os.listdir(tmp_path / "a"))
-    assert names == ["meta.json", "train.bin", "train.mask.bin", "val.bin", "val.mask.bin"]
+    assert names == ["meta.json", "train.bin", "train.docs.bin", "train.mask.bin", "val.bin", "val.docs.bin",
+                     "val.mask.bin"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "train.bin").read_bytes() != (tmp_path / "c" / "train.bin").read_bytes()
@@ -235,6 +275,9 @@ def test_jsonl_holds_the_same_tokens_as_the_bin(corpus, tmp_path):
         assert sum((line["mask"] for line in lines), []) == bin_mask.tolist()
         jsonl_ids, jsonl_mask = open_split(tmp_path / "only", split)
         assert jsonl_ids.tolist() == bin_ids.tolist() and jsonl_mask.tolist() == bin_mask.tolist()
+        starts = np.cumsum([0] + [len(line["ids"]) for line in lines])[:-1].tolist()
+        assert document_starts(tmp_path / "both", split).tolist() == starts
+        assert document_starts(tmp_path / "only", split).tolist() == starts
         assert both["splits"][split]["sha256"] == hashlib.sha256((tmp_path / "both" / f"{split}.bin")
                                                                  .read_bytes()).hexdigest()
 
@@ -251,7 +294,7 @@ def test_meta_describes_the_tokenizer(corpus, tmp_path):
     meta = run(corpus, tmp_path / "tokens")
     tokenizer_json = root / "tokenizer" / "tokenizer.json"
     backend = Tokenizer.from_file(str(tokenizer_json))
-    assert meta["format_version"] == 1 and meta["dtype"] == "uint16"
+    assert meta["format_version"] == 2 and meta["dtype"] == "uint16"
     assert meta["vocab_size"] == backend.get_vocab_size(with_added_tokens=True)
     assert meta["eos_id"] == backend.token_to_id("<|endoftext|>")
     assert meta["tokenizer_fingerprint"] == hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()

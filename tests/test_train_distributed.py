@@ -90,6 +90,21 @@ def test_two_ddp_processes_train_as_one_process_does_and_their_checkpoint_resume
     assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, 9))
 
 
+def test_two_ddp_processes_packing_whole_documents_train_as_one_process_does(tmp_path):
+    one = make_workspace(tmp_path / "one", prompts=True)
+    session(one, steps_today=4, **ONE_PROCESS)
+    two = make_workspace(tmp_path / "two", prompts=True)
+    done = run_stage(two, steps_today=4, **TWO_PROCESSES)
+    assert done.returncode == 0, done.stderr
+    assert "packing: documents" in done.stdout and "2 processes (ddp, gloo)" in done.stdout
+    expected = load_file(one / "checkpoints" / ckpt.folder_name(4) / "model.safetensors")
+    for name, value in load_file(two / "checkpoints" / ckpt.folder_name(4) / "model.safetensors").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert [float(v) for _, v in read_tsv(two, "train/loss")] == pytest.approx(
+        [float(v) for _, v in read_tsv(one, "train/loss")], rel=1e-5)
+    assert state_of(two, 4)["data_cursor"] == state_of(one, 4)["data_cursor"]
+
+
 def test_fsdp_resumes_a_one_process_checkpoint_and_its_own_resumes_in_one_process(reference, tmp_path):
     root = make_workspace(tmp_path)
     session(root, steps_today=2, **ONE_PROCESS)

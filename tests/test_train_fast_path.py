@@ -10,8 +10,8 @@ import pytest
 from stages.lib.checkpoint_store import RECOVERY_DIR
 from stages.lib.preflight import nothing_to_train
 from stages.lib.training import decide_on_main
-from stages.lib.batches import split_windows
-from stages.lib.token_files import read_meta
+from stages.lib.batches import split_samples
+from stages.lib.token_files import packing_for, read_meta
 from train_helpers import inside, make_workspace, session, stage_env, tiny_params, write_params
 
 SPENT_STAGE_IMPORTS_NO_TORCH = """
@@ -35,8 +35,9 @@ def full_answer(root, train):
     """Whether the full decision (with the tokenizer's facts) finds nothing to train, and what it resumes."""
     with inside(root):
         meta = read_meta("data/tokens")
-        windows = split_windows("data/tokens", "train", train.seq_len, required=True).count
-        decision = decide_on_main(train, meta, windows, "data/tokenizer", RECOVERY_DIR, False, 1)
+        samples = split_samples("data/tokens", "train", train.seq_len, packing_for(meta, train.packing), train.seed,
+                                required=True).count
+        decision = decide_on_main(train, meta, samples, "data/tokenizer", RECOVERY_DIR, False, 1)
     spent = decision.start_step >= decision.plan.total_steps and not decision.from_recovery
     return spent, decision
 

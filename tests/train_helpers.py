@@ -34,11 +34,13 @@ def make_tokenizer(folder: Path) -> None:
     save_tokenizer(folder, eos="<eos>", pad="<pad>", vocab_size=VOCAB)
 
 
-def make_tokens(folder: Path, train_tokens: int = 2000, val_tokens: int = 300, seed: int = 0) -> None:
-    """Token files of documents of a learnable pattern, a quarter of each one's targets masked."""
+def make_tokens(folder: Path, train_tokens: int = 2000, val_tokens: int = 300, seed: int = 0,
+                prompts: bool = False) -> None:
+    """Token files of documents of a learnable pattern, a quarter of each one's targets masked; `prompts`: the
+    documents count as instruction data (so `train.packing: auto` packs whole documents)."""
     rng = np.random.default_rng(seed)
     splits = {split: _documents(rng, n) for split, n in (("train", train_tokens), ("val", val_tokens))}
-    write_token_files(folder, splits, VOCAB, EOS_ID, folder.parent / "tokenizer" / "tokenizer.json")
+    write_token_files(folder, splits, VOCAB, EOS_ID, folder.parent / "tokenizer" / "tokenizer.json", prompts=prompts)
 
 
 def _documents(rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -54,10 +56,11 @@ def _documents(rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.nd
     return docs
 
 
-def make_workspace(root: Path, **train_overrides) -> Path:
-    """data/tokenizer, data/tokens and params.yaml (TINY plus overrides) under `root`; returns root."""
+def make_workspace(root: Path, prompts: bool = False, **train_overrides) -> Path:
+    """data/tokenizer, data/tokens (of instruction data when `prompts`, else plain text) and params.yaml (TINY plus
+    overrides) under `root`; returns root."""
     make_tokenizer(root / "data" / "tokenizer")
-    make_tokens(root / "data" / "tokens")
+    make_tokens(root / "data" / "tokens", prompts=prompts)
     write_params(root, **train_overrides)
     return root
 

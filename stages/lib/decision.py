@@ -1,7 +1,7 @@
 """What a training session will do, decided once before it starts: pure functions, no I/O.
 
-A run is defined by the settings behind its `run` fingerprint (model, tokenizer and training data, seq_len, global
-batch, optimiser settings, peak and final learning rate, warmup, seed). Its plan, how long it is and the shape of its
+A run is defined by the settings behind its `run` fingerprint (model, tokenizer and training data, seq_len,
+packing, global batch, optimiser settings, peak and final learning rate, warmup, seed). Its plan, how long it is and the shape of its
 learning rate (total_step_budget or epochs, train.schedule, decay_steps / decay_fraction), is not part of it: a
 checkpoint of the same run with another plan is the same run, extended (or shortened). The checkpoint's
 `fingerprint` covers both (the run and its schedule), so two checkpoints of the same step and fingerprint hold the
@@ -34,6 +34,7 @@ from stages.lib.checkpoint_store import Found
 from stages.lib.errors import UserError
 from stages.lib.params import TrainParams
 from stages.lib.schedule import Schedule, agrees_until, total_steps
+from stages.lib.token_files import packing_for
 
 # The settings that plan the run's length and learning-rate shape: changing them extends (or shortens) the run.
 PLAN_KEYS = ("total_step_budget", "epochs", "schedule", "decay_steps", "decay_fraction")
@@ -94,7 +95,7 @@ class Inputs:
     """What the decision is made from, besides params.yaml: read by rank 0 before deciding."""
 
     meta: dict  # the token files' meta.json
-    windows_per_epoch: int
+    samples_per_epoch: int  # training samples (stream windows or packed samples) in one pass over the data
     vocab_size: int  # the model's: the tokenizer's length or the token files' vocabulary, whichever is larger
     special_ids: dict
     base_model: str | None  # the content hash of train.init_from's model (None: a new model from train.model)
@@ -124,7 +125,7 @@ def decide(train: TrainParams, inputs: Inputs, world_size: int) -> Decision:
 def run_plan(train: TrainParams, inputs: Inputs, world_size: int) -> RunPlan:
     """The run's fingerprints and the plan params.yaml asks for."""
     values = fingerprint_values(train, inputs.meta, world_size, inputs.base_model)
-    total = total_steps(train.total_step_budget, train.epochs, inputs.windows_per_epoch, values["global_batch"])
+    total = total_steps(train.total_step_budget, train.epochs, inputs.samples_per_epoch, values["global_batch"])
     schedule = Schedule.planned(train.schedule, total, train.lr, train.min_lr, train.warmup_steps,
                                 train.decay_steps, train.decay_fraction)
     return with_schedule(RunPlan(values, "", total, _digest(run_values(values)), {}), schedule)
@@ -172,7 +173,8 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],
         "train_mask_sha256": meta["splits"]["train"].get("mask_sha256"),  # train_on_prompt changes only the mask
-        "seq_len": train.seq_len, "global_batch": train.batch_size * train.grad_accum * world_size,
+        "seq_len": train.seq_len, "packing": packing_for(meta, train.packing),
+        "global_batch": train.batch_size * train.grad_accum * world_size,
         "lr": train.lr, "min_lr": train.min_lr, "warmup_steps": train.warmup_steps,
         "weight_decay": train.weight_decay, "beta1": train.beta1, "beta2": train.beta2, "grad_clip": train.grad_clip,
         "seed": train.seed, "total_step_budget": train.total_step_budget,

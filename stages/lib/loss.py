@@ -18,24 +18,46 @@ from stages.lib.model import has_plain_head
 LOGITS_PER_CHUNK = 8 * 1024 * 1024  # about 32 MB of fp32 logits per chunk: big matmuls, small temporaries
 
 
-def make_loss_fn(model: PreTrainedModel, compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A function (inputs, labels) -> sum of the token losses (labels -100 skipped).
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-    With a plain head the trunk runs alone and the loss comes from `head_loss_sum`; `compile` compiles the trunk
-    only (the model object itself stays uncompiled, so its state-dict keys never gain an `_orig_mod.` prefix).
+
+def make_loss_fn(model: PreTrainedModel, compile: bool = False) -> LossFn:
+    """A function (inputs, labels, positions) -> sum of the token losses (labels -100 skipped), with no KV cache.
+
+    `positions` (None: 0, 1, ... in each row) restarting at a document makes the model's own attention confine
+    every document to itself (transformers builds the block-diagonal causal mask, or the variable-length kernel's
+    boundaries, from position ids that restart). With a plain head the trunk runs alone and the loss comes from
+    `head_loss_sum`; `compile` compiles the trunk only (the model object itself stays uncompiled, so its state-dict
+    keys never gain an `_orig_mod.` prefix).
     """
+    # The variable-length flash kernel reads packed documents from one row only.
+    flatten = (model.config._attn_implementation or "").startswith("flash")
+
+    def rows(inputs, labels, positions):
+        return one_row(inputs, labels, positions) if flatten and positions is not None else (inputs, labels, positions)
+
     if has_plain_head(model):
         body = torch.compile(model.base_model) if compile else model.base_model
         head = model.get_output_embeddings()
-        return lambda inputs, labels: head_loss_sum(
-            body(input_ids=inputs, use_cache=False).last_hidden_state, head.weight, labels, bias=head.bias)
+
+        def head_loss(inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None):
+            inputs, labels, positions = rows(inputs, labels, positions)
+            hidden = body(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
+            return head_loss_sum(hidden, head.weight, labels, bias=head.bias)
+        return head_loss
     full = torch.compile(model) if compile else model
 
-    def plain_loss(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = full(input_ids=inputs).logits
+    def plain_loss(inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        inputs, labels, positions = rows(inputs, labels, positions)
+        logits = full(input_ids=inputs, position_ids=positions, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     return plain_loss
+
+
+def one_row(inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A batch of packed documents as one row: the same documents, since positions restart at each of them."""
+    return inputs.reshape(1, -1), labels.reshape(1, -1), positions.reshape(1, -1)
 
 
 class LossModule(torch.nn.Module):
@@ -51,9 +73,10 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.loss_sum = make_loss_fn(model, compile=compile)
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of the token losses of the batch (labels -100 skipped)."""
-        return self.loss_sum(inputs, labels)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of the token losses of the batch (labels -100 skipped); see make_loss_fn for `positions`."""
+        return self.loss_sum(inputs, labels, positions)
 
 
 def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

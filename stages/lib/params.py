@@ -98,6 +98,9 @@ class TrainParams:
     init_from: str = ""  # a local HuggingFace model folder to fine-tune; empty builds `model` from scratch
     model: ModelParams = field(default_factory=ModelParams)
     seq_len: int = _param(128, **_at_least(1))
+    # How samples are cut from the token files (stages/lib/batches.py): windows of the token stream, or whole
+    # documents with attention kept inside each; auto: documents when the data has prompts (instruction, chat).
+    packing: Literal["auto", "stream", "documents"] = "auto"
     batch_size: int = _param(16, **_at_least(1))
     grad_accum: int = _param(1, **_at_least(1))
     lr: float = _param(3e-3, **_positive())

@@ -18,15 +18,15 @@ from stages.lib.decision import Decision, Inputs, decide
 from stages.lib.hashing import model_digest
 from stages.lib.live_logs import has_logs
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams
-from stages.lib.token_files import read_meta
+from stages.lib.token_files import packing_for, read_meta
 
 
-def read_inputs(train: TrainParams, meta: dict, windows_per_epoch: int, vocab_size: int, special_ids: dict,
+def read_inputs(train: TrainParams, meta: dict, samples_per_epoch: int, vocab_size: int, special_ids: dict,
                 recovery_dir: Path) -> Inputs:
     """The decision's inputs as the files in the workspace give them."""
     checkpoint_dir = Path(train.checkpoint_dir)
     base_model = model_digest(train.init_from) if train.init_from else None
-    return Inputs(meta, windows_per_epoch, vocab_size, special_ids, base_model, store.find(checkpoint_dir, recovery_dir),
+    return Inputs(meta, samples_per_epoch, vocab_size, special_ids, base_model, store.find(checkpoint_dir, recovery_dir),
                   checkpoint_dir, has_logs(Path(train.out_dir) / "live"))
 
 
@@ -39,6 +39,8 @@ def nothing_to_train(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenize
     found_dir = Path(train.checkpoint_dir)
     if not found_dir.is_dir() or not (Path(models_dir) / train.model_name / "config.json").exists():
         return None
+    if train.total_step_budget == 0 and packing_for(meta, train.packing) == "documents":
+        return None  # the run's length depends on how documents pack, which the full path computes
     windows = max(0, (meta["splits"]["train"]["tokens"] - 1) // train.seq_len)
     inputs = read_inputs(train, meta, windows, 0, {}, recovery_dir)
     world_size = train.devices if isinstance(train.devices, int) else (

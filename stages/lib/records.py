@@ -13,7 +13,11 @@ STATS_FILE = "stats.json"
 
 @dataclass
 class Document:
-    """One rendered record: its whole text and the character ranges that count in the loss."""
+    """One rendered record: its whole text and the character ranges that count in the loss.
+
+    An empty response segment (an empty answer) is an empty range: the answer has no text, but ending it does, so
+    the EOS after it still counts.
+    """
 
     text: str
     response_spans: list[tuple[int, int]]
@@ -49,7 +53,7 @@ def parse_record(line: bytes | str) -> Document:
         response = segment.get("response") if isinstance(segment, dict) else None
         if not isinstance(text, str) or not isinstance(response, bool):
             raise ValueError("each segment must be {\"text\": string, \"response\": true or false}")
-        if response and text:
+        if response:
             if spans and spans[-1][1] == at:  # neighbouring response segments form one span
                 spans[-1] = (spans[-1][0], at + len(text))
             else:

@@ -20,7 +20,7 @@ import torch
 
 from stages.lib import checkpoint as ckpt
 from stages.lib import checkpoint_store as store
-from stages.lib.batches import TokenWindows, TrainBatches, counted_tokens, validation_batches
+from stages.lib.batches import Samples, TrainBatches, counted_tokens, validation_batches
 from stages.lib.decision import Decision
 from stages.lib.live_logs import open_live
 from stages.lib.parallel import full_value
@@ -75,6 +75,7 @@ class _NoLogs:
     """Stands in for DVCLive on the processes other than rank 0, which log nothing."""
 
     step = 0
+    summary: dict = {}
 
     def log_metric(self, *args, **kwargs) -> None:
         """Nothing: rank 0 logs."""
@@ -87,7 +88,7 @@ class Session:
     """One session's loop over a prepared model and optimizer (`trainee`)."""
 
     def __init__(self, train: TrainParams, decision: Decision, trainee: ckpt.Trainee, precision: Precision,
-                 batches: TrainBatches, val_windows: TokenWindows | None, started: float, recovery_dir: Path):
+                 batches: TrainBatches, val_samples: Samples | None, started: float, recovery_dir: Path):
         self.train, self.decision, self.trainee, self.precision = train, decision, trainee, precision
         self.plan, self.world, self.parallel = decision.plan, trainee.world, trainee.parallel
         self.schedule = Schedule.from_json(decision.plan.schedule)
@@ -97,7 +98,7 @@ class Session:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.val = validation_batches(val_windows, train.batch_size, train.eval_batches) if val_windows else []
+        self.val = validation_batches(val_samples, train.batch_size, train.eval_batches) if val_samples else []
         self.tokens_per_step = batches.samples_per_step * train.seq_len
         self.timer = SessionTimer(started + train.minutes_today * 60 if train.minutes_today else math.inf,
                                   self._closing_guesses())
@@ -122,6 +123,9 @@ class Session:
             result.stopped_by = "time"
             return result
         live = open_live(self.trainee.live_dir, start if start > 0 else None) if main else _NoLogs()
+        facts = self.batches.samples.facts()  # the same all run: in metrics.json, not plotted per step
+        live.summary["data"] = {"padding_share": round(facts["padding_share"], 4),
+                                "documents_split": facts["documents_split"]}
         saved = evaluated = step = start
         skipped_before = self.scaler.skipped_steps
         stop = StopRequest(repeat_window=1.0 if self.world.size > 1 else 0.0, launcher_pid=self.world.launcher_pid)
@@ -174,12 +178,12 @@ class Session:
         batches = self.batches.step_batches(step)
         # The loss is a mean over the counted tokens of the whole global batch, every process's included.
         counted = max(1, int(self.world.sum(counted_tokens(batches))))
-        on_device = [self._to_device(inputs, labels) for inputs, labels in batches]  # copies queued up front
+        on_device = [batch.to(self.device) for batch in batches]  # copies queued up front
         total = torch.zeros((), device=self.device)
-        for i, (inputs, labels) in enumerate(on_device):
+        for i, batch in enumerate(on_device):
             with self.parallel.gradient_sync(last_micro_step=i == len(on_device) - 1):
                 with self.precision.autocast():
-                    loss_sum = self.parallel.forward(inputs, labels)
+                    loss_sum = self.parallel.forward(batch.inputs, batch.labels, batch.positions)
                 self.scaler.scale(loss_sum / counted).backward()
             total += loss_sum.detach()
         self.scaler.unscale(self.optimizer)  # fp16: gradients at their true size before clipping and the norm
@@ -202,11 +206,6 @@ class Session:
         self.optimizer.zero_grad(set_to_none=True)
         loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), grad_norm.item()
         return loss, grad_norm, time.perf_counter() - began
-
-    def _to_device(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device.type == "cuda":  # from pinned host memory the copy runs while the GPU computes
-            inputs, labels = inputs.pin_memory(), labels.pin_memory()
-        return inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _log_step(self, live, step: int, loss: float, grad_norm: float, seconds: float) -> None:
         live.step = step
@@ -243,8 +242,9 @@ class Session:
         total = torch.zeros((), device=self.device)
         # Every process scores the same batches: FSDP needs all of them in each forward, and they are few.
         with torch.no_grad(), self.precision.autocast():
-            for inputs, labels in self.val:
-                total += self.parallel.forward(inputs.to(self.device), labels.to(self.device)).float()
+            for batch in self.val:
+                batch = batch.to(self.device)
+                total += self.parallel.forward(batch.inputs, batch.labels, batch.positions).float()
         self.model.train()
         live.step = step
         loss = (total / max(1, counted_tokens(self.val))).item()

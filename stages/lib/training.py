@@ -28,7 +28,7 @@ import torch
 from stages.lib import checkpoint as ckpt
 from stages.lib import checkpoint_store as store
 from stages.lib import memory
-from stages.lib.batches import TrainBatches, split_windows
+from stages.lib.batches import TrainBatches, describe_samples, split_samples
 from stages.lib.deadline import session_minutes
 from stages.lib.decision import Decision, decide
 from stages.lib.devices import pick_device
@@ -37,7 +37,8 @@ from stages.lib.export import export_model
 from stages.lib.files import folder_size
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.loss_plot import write_loss_plot
-from stages.lib.model import build_model, checkpoint_activations, model_config, tied_names
+from stages.lib.model import (build_model, checkpoint_activations, keeps_documents_apart, model_config,
+                              pick_document_attention, tied_names)
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, Params, TrainParams
 from stages.lib.precision import LossScaler, Precision, pick_precision
@@ -45,7 +46,7 @@ from stages.lib.preflight import budget_spent_message, read_inputs
 from stages.lib.schedule import session_end
 from stages.lib.session import Session, SessionResult
 from stages.lib.summary import SessionNumbers, read_losses, summary_lines
-from stages.lib.token_files import read_meta
+from stages.lib.token_files import dominant_documents, packing_for, read_meta
 from stages.lib.world import World, joined_world
 
 
@@ -90,11 +91,13 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
 def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, models_dir: Path, recovery_dir: Path,
                     trust_remote_code: bool, world: World, started: float) -> SessionResult:
     live_dir = Path(train.out_dir) / "live"
-    train_windows = split_windows(tokens_dir, "train", train.seq_len, required=True)
     meta = read_meta(tokens_dir)
-    val_windows = split_windows(tokens_dir, "val", train.seq_len, required=False) if "val" in meta["splits"] else None
+    packing = packing_for(meta, train.packing)
+    train_samples = split_samples(tokens_dir, "train", train.seq_len, packing, train.seed, required=True)
+    val_samples = (split_samples(tokens_dir, "val", train.seq_len, packing, None, required=False)
+                   if "val" in meta["splits"] else None)
     decision = Decision.from_json(world.decide_on_main(lambda: decide_on_main(
-        train, meta, train_windows.count, tokenizer_dir, recovery_dir, trust_remote_code, world.size).as_json()))
+        train, meta, train_samples.count, tokenizer_dir, recovery_dir, trust_remote_code, world.size).as_json()))
     train = decision.session_params(train)
     start, total = decision.start_step, decision.plan.total_steps
     export_dir = Path(models_dir) / train.model_name
@@ -109,13 +112,15 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
         trainee = build_trainee(train, decision, world, live_dir, precision)
         parameters = sum(p.numel() for p in trainee.parallel.model.parameters())
         train = _with_time_limit(train, decision, export_dir, parameters, started, world.is_main)
-        batches = TrainBatches(train_windows, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
-        session = Session(train, decision, trainee, precision, batches, val_windows, started, recovery_dir)
+        batches = TrainBatches(train_samples, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
+        session = Session(train, decision, trainee, precision, batches, val_samples, started, recovery_dir)
         end = session_end(start, total, train.steps_today)
         if world.is_main:
             print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
                   f"on {world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters",
                   flush=True)
+            for line in [describe_samples(train_samples.facts(), train.seq_len), *dominant_documents(meta)]:
+                print(line, flush=True)
         result = session.run(start, end)
     if result.trained and world.is_main:
         export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir, trust_remote_code)
@@ -145,11 +150,11 @@ def _numbers(session: Session, result: SessionResult, live_dir: Path) -> Session
                           folder_size(saved), read_losses(live_dir, result.start_step), live_dir)
 
 
-def decide_on_main(train: TrainParams, meta: dict, windows_per_epoch: int, tokenizer_dir: Path, recovery_dir: Path,
+def decide_on_main(train: TrainParams, meta: dict, samples_per_epoch: int, tokenizer_dir: Path, recovery_dir: Path,
                    trust_remote_code: bool, world_size: int) -> Decision:
     """Rank 0's decision: read what it is made from, decide, say it, and bring a recovery copy back into place."""
     vocab_size, special_ids = _tokenizer_facts(tokenizer_dir, trust_remote_code, meta)
-    decision = decide(train, read_inputs(train, meta, windows_per_epoch, vocab_size, special_ids, recovery_dir),
+    decision = decide(train, read_inputs(train, meta, samples_per_epoch, vocab_size, special_ids, recovery_dir),
                       world_size)
     for message in decision.messages:
         print(message)
@@ -211,6 +216,12 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids)
     model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
+    if decision.plan.values["packing"] == "documents":
+        if not keeps_documents_apart(model):
+            raise UserError(f"train.packing = documents, but this {type(model).__name__} ignores the position ids "
+                            "that keep packed documents apart, so they would attend to each other; set "
+                            "train.packing: stream")
+        pick_document_attention(model, world.device, precision.autocast_dtype)
     if train.activation_checkpointing:
         checkpoint_activations(model)
     parallel = parallel_model(model, world, train.strategy, train.compile)
