@@ -2,11 +2,16 @@
 
 Run it as `python -m stages.tokenize`; run as a script this file would shadow the standard library's `tokenize`.
 
+Splits: the validation split is the render stage's validation source when it has one, else `tokenize.val_ratio`
+of the documents drawn by `tokenize.seed`; then each source's training documents are repeated or subsampled by
+its weight (stages/lib/mixture.py).
+
 How it stays fast and bounded in memory:
 - one pass notes where each record's line starts; documents are split and shuffled as indices and read back by
   offset, so memory holds two numbers per document, never the corpus;
-- text is encoded about `tokenize.chunk_mb` at a time with `encode_batch`, which spreads documents over the cores,
-  and the ids are written out before the next chunk is read;
+- text is encoded about `tokenize.chunk_mb` at a time and the ids are written out before the next chunk is read;
+  a byte-level BPE is run by tiktoken, which gives the same ids several times faster (stages/lib/encoders.py,
+  `tokenize.encoder`), any other tokenizer by `encode_batch`, which spreads documents over the cores;
 - character offsets (needed for the loss mask) are computed only for documents that mix prompt and response.
 """
 
@@ -17,16 +22,17 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import chain, repeat
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from stages.lib.encoders import encoder_for
 from stages.lib.errors import UserError, run_stage
 from stages.lib.files import replaced_folder
+from stages.lib.mixture import read_spans, validation_split, weighted
 from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
 from stages.lib.records import RECORDS_FILE, Document, parse_record
 from stages.lib.token_files import SplitWriter, id_dtype, new_meta, write_meta
@@ -42,6 +48,7 @@ class TokenizerInfo:
     eos_id: int
     vocab_size: int
     fingerprint: str
+    encoder: Any  # stages/lib/encoders.py: TiktokenEncoder or TokenizersEncoder
 
 
 def main() -> None:
@@ -53,16 +60,17 @@ def main() -> None:
 def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, params: TokenizeParams) -> dict:
     """Encode every record into `out_dir` (meta.json, .bin/.mask.bin and/or .jsonl); return the meta."""
     records_path = Path(records_path)
-    tok = load_tokenizer(Path(tokenizer_dir))
+    tok = load_tokenizer(Path(tokenizer_dir), params.encoder == "auto")
     starts, lengths = index_records(records_path)
     if len(starts) == 0:
         raise UserError(f"{records_path} holds no records: check render.data_path and rerun the render stage")
-    splits = dict(zip(("train", "val"), split_documents(len(starts), params.val_ratio, params.shuffle, params.seed)))
+    splits = dict(zip(("train", "val"), plan_splits(read_spans(records_path.parent, len(starts)), params)))
     save_jsonl = params.emit_jsonl or not params.save_bin
     chunk_bytes = max(1, int(params.chunk_mb * (1 << 20)))
     meta = new_meta(tok.vocab_size, tok.eos_id, tok.fingerprint, params.save_bin, save_jsonl)
     dtype = meta["dtype"]
-    with replaced_folder(out_dir) as folder, _Progress(int(lengths.sum())) as progress:
+    total_bytes = int(sum(lengths[order].sum() for order in splits.values()))
+    with replaced_folder(out_dir) as folder, _Progress(total_bytes) as progress:
         for split, order in splits.items():
             with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
@@ -76,8 +84,36 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
     return meta
 
 
-def load_tokenizer(folder: Path) -> TokenizerInfo:
-    """Load `tokenizer.json` with the `tokenizers` library and find its EOS id and full vocabulary size."""
+def plan_splits(spans: list, params: TokenizeParams) -> tuple[np.ndarray, np.ndarray]:
+    """Document indices of the train and val splits, in the order they are written (see the module docstring)."""
+    held_out = validation_split(spans, params.shuffle, params.seed)
+    if held_out is None:
+        training = sum(s.records for s in spans)
+        held_out = split_documents(training, params.val_ratio, params.shuffle, params.seed)
+    elif params.val_ratio:
+        print(f"tokenize: the validation split is the render stage's validation source; tokenize.val_ratio = "
+              f"{params.val_ratio} is not used")
+    train, val = held_out
+    train = weighted(train, spans, params.shuffle, params.seed)
+    if len(spans) > 1:
+        print_mixture(spans, train)
+    return train, val
+
+
+def print_mixture(spans: list, train: np.ndarray) -> None:
+    """One line per source: its documents and how many training documents it gave."""
+    owner = np.repeat(np.arange(len(spans)), [s.records for s in spans])
+    in_train = np.bincount(owner[train], minlength=len(spans))
+    for i, span in enumerate(spans):
+        role = "validation" if span.validation else f"weight {span.weight:g}, {in_train[i]:,} in training"
+        print(f"tokenize: source {span.path}: {span.records:,} documents ({role})")
+
+
+def load_tokenizer(folder: Path, allow_tiktoken: bool = True) -> TokenizerInfo:
+    """Load `tokenizer.json` with the `tokenizers` library, find its EOS id and full vocabulary size, pick the encoder.
+
+    `allow_tiktoken`: use tiktoken when it gives the same ids (tokenize.encoder: auto).
+    """
     path = folder / "tokenizer.json"
     if not path.exists():
         raise UserError(f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
@@ -93,7 +129,7 @@ def load_tokenizer(folder: Path) -> TokenizerInfo:
     vocab = backend.get_vocab(with_added_tokens=True)
     vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
     fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()
-    return TokenizerInfo(backend, eos_id, vocab_size, fingerprint)
+    return TokenizerInfo(backend, eos_id, vocab_size, fingerprint, encoder_for(path, backend, eos, allow_tiktoken))
 
 
 def _eos_token(folder: Path) -> str:
@@ -196,21 +232,16 @@ def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
     """Token ids (each document followed by EOS), loss mask, and tokens per document for a chunk of documents."""
     texts = [doc.text for doc in docs]
     partial = [] if train_on_prompt else [i for i, doc in enumerate(docs) if not doc.all_response()]
-    mixed = any(docs[i].response_spans for i in partial)
-    # Offsets cost time and memory; only a document mixing prompt and response text needs them.
-    encode = tok.backend.encode_batch if mixed else tok.backend.encode_batch_fast
-    encodings = encode(texts, add_special_tokens=False)
-    id_lists = [enc.ids for enc in encodings]
-    doc_lengths = np.fromiter((len(ids) + 1 for ids in id_lists), np.int64, count=len(id_lists))
+    encoded = tok.encoder.encode(texts, tok.eos_id, [i for i in partial if docs[i].response_spans])
+    doc_lengths = encoded.lengths
     total = int(doc_lengths.sum())
-    ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(id_lists, repeat((tok.eos_id,))))),
-                      id_dtype(dtype), count=total)
+    ids = encoded.ids.astype(id_dtype(dtype))
     mask = np.ones(total, np.uint8)
     ends = np.cumsum(doc_lengths)
     for i in partial:
         doc, start, end = docs[i], int(ends[i] - doc_lengths[i]), int(ends[i])
         if doc.response_spans:  # EOS stays 1: ending the answer is part of the answer
-            mask[start:end - 1] = response_token_mask(encodings[i].offsets, doc.response_spans, len(doc.text))
+            mask[start:end - 1] = response_token_mask(encoded.offsets[i], doc.response_spans, len(doc.text))
         else:
             mask[start:end] = 0
     return ids, mask, doc_lengths
@@ -223,7 +254,7 @@ def response_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, i
     answer with its first word: that token is the answer's first token. A zero-width token (some tokenizers give
     added prefixes no width) is judged by the character at its position.
     """
-    if not offsets:
+    if len(offsets) == 0:
         return np.zeros(0, np.uint8)
     is_response = np.zeros(n_chars + 1, np.int64)
     for start, end in spans:
