@@ -268,7 +268,8 @@ def test_json_array_errors_name_the_element_and_the_line_it_starts_on():
         run("raw/a.json")
     records, stats = run("raw/a.json", on_error="skip")
     assert len(records) == 1
-    assert stats["skipped"] == [{"file": "raw/a.json", "record": 1, "line": 6, "problem": stats["skipped"][0]["problem"]}]
+    problem = stats["skipped"][0]["problem"]
+    assert stats["skipped"] == [{"file": "raw/a.json", "record": 1, "line": 6, "problem": problem}]
     write("raw/a.json", '[\n{"instruction": "Say hi.", "output": "hi"},\n{"instruction": oops}\n]')
     with pytest.raises(UserError, match=r"raw/a\.json\[1\] .*starting at line 3\): the JSON array does not parse "
                                         r"\(Expecting value, line 3\)"):

@@ -15,8 +15,9 @@ the part's type in the message.
 
 Tool calls: an assistant message's `tool_calls` (OpenAI/HuggingFace shape), or a `tool_call` turn (ShareGPT's
 function_call) whose content is the call as JSON (`{"name", "arguments"}`, or a list of them), become an
-assistant message with `tool_calls: [{"type": "function", "function": {"name", "arguments"}}]`, arguments parsed
-from JSON when they are a JSON string; `tool` turns are tool results. A record's `tools` (a list of definitions,
+assistant message with `tool_calls: [{"type": "function", "function": {"name", "arguments"}}]` (and the call's
+`id` when it has one), arguments parsed from JSON when they are a JSON string; `tool` turns are tool results
+(with their `name` and `tool_call_id` when given). A record's `tools` (a list of definitions,
 or a JSON string of one) go with the conversation.
 
 Every reader returns the names of the fields that nothing used (`Read.dropped`), for stats.json.
@@ -225,7 +226,8 @@ def _calls(value: Any, where: str) -> list[dict]:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError:
                 pass  # arguments that are not JSON stay text
-        result.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+        call_id = {"id": call["id"]} if isinstance(call, dict) and isinstance(call.get("id"), str) else {}
+        result.append({**call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}})
     return result
 
 

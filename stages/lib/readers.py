@@ -107,7 +107,8 @@ def damaged(path: Path, err: Exception) -> RecordError:
 
 # ---- lines and plain text ---------------------------------------------------------------------------------------
 
-def read_lines(stream: IO[bytes], first_line: int = 1, size: int | None = None) -> Iterator[tuple[int, str | RecordError]]:
+def read_lines(stream: IO[bytes], first_line: int = 1,
+               size: int | None = None) -> Iterator[tuple[int, str | RecordError]]:
     """(line number, text without its line ending) for each line of `stream`, up to `size` bytes when given.
 
     Line 1 loses a UTF-8 byte order mark; a line that is not UTF-8 is a RecordError naming the byte.
@@ -202,7 +203,7 @@ def json_array_records(stream: IO[bytes], file: str) -> Iterator[tuple[Location,
             value, end = text.decode()
         except json.JSONDecodeError as err:
             line = text.line + text.text.count("\n", text.pos, max(err.pos, text.pos))
-            yield Location(file, line, index, "element"), RecordError(
+            yield where, RecordError(
                 f"the JSON array does not parse ({err.msg}, line {line}); the elements from here to the end of "
                 "the file cannot be read until it is fixed")
             return
