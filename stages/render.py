@@ -81,6 +81,7 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
             if error:
                 raise UserError(error)
             out.write(text)
+            piece_stats.written_by_source[piece.source] = piece_stats.records_written
             stats.merge(piece_stats)
             bar.update(piece.input_bytes)
         if stats.records_written == 0:
@@ -177,8 +178,9 @@ def render_record(where: Location, item: Any, piece: Piece, ctx: Context, stats:
     try:
         if isinstance(item, RecordError):
             raise item
-        kind = _kind(item, piece, mapping, ctx.sources[piece.source].format or render.format)
-        read = READERS[kind](item, mapping)
+        forced = ctx.sources[piece.source].format or render.format
+        kind = forced if forced != "auto" else "text" if piece.layout == "text" else piece.kind
+        read = _read(kind, item, mapping, forced != "auto")
         segments, template = _segments(kind, read, piece.path, ctx.chooser)
         line = _record_line(where, kind, segments)
     except templates.TemplateError as err:
@@ -186,28 +188,28 @@ def render_record(where: Location, item: Any, piece: Piece, ctx: Context, stats:
     except RecordError as err:
         _bad_record(where, str(err), render, stats)
         return None
-    characters = sum(len(s["text"]) for s in segments)
-    if _flag(kind, read, characters, str(where), render, stats) and render.empty_answers == "skip":
+    characters, at = sum(len(s["text"]) for s in segments), str(where)
+    if _flag(kind, read, characters, at, render, stats) and render.empty_answers == "skip":
         stats.skip({**where.as_json(), "problem": "empty answer (render.empty_answers: skip)"})
         return None
-    stats.dropped(read.dropped + list(piece.dropped), str(where))
+    stats.dropped(read.dropped + list(piece.dropped) if piece.dropped else read.dropped, at)
     stats.records_written += 1
     stats.characters += characters
-    stats.written_by_source[piece.source] = stats.written_by_source.get(piece.source, 0) + 1
     if template:
         stats.templates.add(template)
     return line
 
 
-def _kind(item: Any, piece: Piece, mapping: Mapping, format: str) -> str:
-    """The kind to read a record as: the forced format, else the file's (when the record has a known shape)."""
-    if format != "auto":
-        return format
-    if piece.layout == "text":
-        return "text"
-    if detect_kind(item, mapping) is None:
+def _read(kind: str, item: Any, mapping: Mapping, forced: bool) -> Read:
+    """The record read as `kind`; a record of no known shape says so (unless the kind was forced)."""
+    if kind not in READERS:  # a file with no record of a known shape
         raise RecordError(unknown_shape(item))
-    return piece.kind
+    try:
+        return READERS[kind](item, mapping)
+    except RecordError:
+        if not forced and detect_kind(item, mapping) is None:
+            raise RecordError(unknown_shape(item)) from None
+        raise
 
 
 def _segments(kind: str, read: Read, file: str, chooser: "TemplateChooser") -> tuple[list[dict], str | None]:
@@ -241,12 +243,12 @@ def _segments(kind: str, read: Read, file: str, chooser: "TemplateChooser") -> t
 def _flag(kind: str, read: Read, characters: int, where: str, render: RenderParams, stats: Stats) -> bool:
     """Count what is suspicious about a record; True when its answer is empty."""
     if kind == "text":
-        empty = not read.value.strip()
+        empty = _blank(read.value)
     elif kind == "instruction":
-        empty = not read.value[2].strip()
+        empty = _blank(read.value[2])
     else:
         answers = [m for m in read.value if m["role"] == "assistant"]
-        empty = not answers or any(not m["content"].strip() and not m.get("tool_calls") for m in answers)
+        empty = not answers or any(_blank(m["content"]) and not m.get("tool_calls") for m in answers)
         if not any(m["role"] == "user" for m in read.value):
             stats.flag("no_user_turn", where)
     if empty:
@@ -254,6 +256,10 @@ def _flag(kind: str, read: Read, characters: int, where: str, render: RenderPara
     if render.long_record_chars and characters > render.long_record_chars:
         stats.flag("long_record", where)
     return empty
+
+
+def _blank(text: str) -> bool:
+    return not text or text.isspace()
 
 
 class TemplateChooser:

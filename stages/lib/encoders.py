@@ -20,11 +20,14 @@ Anything else uses `tokenizers`. The tests compare both encoders' ids and offset
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from stages.lib.workers import available_cores
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Digits(individual_digits=True) then GPT-2's pattern, as one pattern: every digit alone, and a run of spaces
@@ -77,6 +80,8 @@ class TiktokenEncoder:
         for token, rank in chain(ranks.items(), ((s.encode("utf-8"), r) for s, r in specials.items())):
             self.rank_bytes[rank] = len(token)
         self.eos, self.eos_rank = eos, specials[eos]
+        self.threads = available_cores()
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def encode(self, texts: list[str], eos_id: int, offsets_for: list[int]) -> Encoded:
         """Encode documents; character offsets for those in `offsets_for`."""
@@ -86,8 +91,11 @@ class TiktokenEncoder:
             ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
             lengths = np.array([len(p) for p in parts], np.int64)
         else:
-            # One call for the whole chunk: the EOS between documents is split off first, as tokenizers does.
-            ranks = self._ranks(self.eos.join(texts) + self.eos) if texts else np.zeros(0, np.uint32)
+            # Few large calls: the EOS between documents is split off first, as tokenizers does, so joining
+            # documents changes nothing; one call per core, since tiktoken releases the GIL while it encodes.
+            groups = [self.eos.join(group) + self.eos for group in _groups(texts, self.threads)]
+            parts = list(self.pool.map(self._ranks, groups)) if len(groups) > 1 else [self._ranks(g) for g in groups]
+            ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
             lengths = np.diff(np.flatnonzero(ranks == self.eos_rank), prepend=-1)
         starts = np.cumsum(lengths) - lengths
         offsets = {i: _char_offsets(texts[i], self.rank_bytes[ranks[starts[i]:starts[i] + lengths[i] - 1]])
@@ -96,6 +104,16 @@ class TiktokenEncoder:
 
     def _ranks(self, text: str) -> np.ndarray:
         return self.encoding.encode_to_numpy(text, allowed_special=self.specials, disallowed_special=())
+
+
+def _groups(texts: list[str], n: int) -> list[list[str]]:
+    """`texts` cut into at most n runs of consecutive documents of about equal length."""
+    if n <= 1 or len(texts) < 2:
+        return [texts] if texts else []
+    bounds = np.cumsum([len(t) for t in texts])
+    cuts = np.searchsorted(bounds, bounds[-1] * np.arange(1, n) / n, side="right")
+    edges = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(texts))), len(texts)]
+    return [texts[a:b] for a, b in zip(edges, edges[1:])]
 
 
 def _char_offsets(text: str, token_bytes: np.ndarray) -> np.ndarray:
@@ -200,6 +218,7 @@ def _each_token_is_its_own_bpe(vocab: dict, merges: list, merged: set) -> bool:
     """Whether the BPE of every merged token's bytes is that token (the condition in the module docstring)."""
     from tokenizers import models
 
+    # ignore_merges off (as in GPT-2; Llama 3 has it on): the plain BPE of the token, not a whole-word lookup.
     bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges])
     return all([t.id for t in bpe.tokenize(token)] == [vocab[token]] for token in merged)
 

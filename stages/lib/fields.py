@@ -77,7 +77,7 @@ class Mapping:
         return self.messages + self.tools
 
 
-@dataclass
+@dataclass(slots=True)
 class Read:
     """What a record holds for the templates, and the fields nothing read."""
 
@@ -121,13 +121,13 @@ def read_text(record: Any, m: Mapping) -> Read:
 
 def read_instruction(record: Any, m: Mapping) -> Read:
     """(instruction, input, output) of an instruction record; a missing or null input is empty."""
-    keys = [_need(record, m.instruction, "instruction data"), _first(record, m.input),
-            _need(record, m.output, "instruction data")]
-    values = []
-    for i, key in enumerate(keys):
-        value = record.get(key) if key else None
-        values.append("" if i == 1 and value is None else _string(value, f"field '{key}'"))
-    return Read(tuple(values), _dropped(record, set(filter(None, keys))))
+    instruction, output = _need(record, m.instruction, "instruction data"), _need(record, m.output, "instruction data")
+    given = _first(record, m.input)
+    values = (_string(record[instruction], f"field '{instruction}'"),
+              _string(record[given], f"field '{given}'") if given else "",
+              _string(record[output], f"field '{output}'"))
+    used = (instruction, given, output)
+    return Read(values, [k for k, v in record.items() if v is not None and k not in used] if len(record) > 2 else [])
 
 
 def read_chat(record: Any, m: Mapping) -> Read:
@@ -249,7 +249,10 @@ def _tools(value: Any, key: str) -> list | None:
 
 def _first(record: dict, names: tuple[str, ...]) -> str | None:
     """The first of `names` the record has (with a value that is not null)."""
-    return next((name for name in names if record.get(name) is not None), None)
+    for name in names:  # a loop, not next() over a generator: this runs several times per record
+        if record.get(name) is not None:
+            return name
+    return None
 
 
 def _need(record: Any, names: tuple[str, ...], what: str) -> str:
@@ -264,7 +267,7 @@ def _need(record: Any, names: tuple[str, ...], what: str) -> str:
 def _string(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise RecordError(f"{what} is {json_type(value)}; expected a string")
-    return lf(value)
+    return value.replace("\r\n", "\n") if "\r" in value else value
 
 
 def _dropped(record: dict, used: set) -> list[str]:

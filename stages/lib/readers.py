@@ -23,9 +23,8 @@ import gzip
 import io
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, NamedTuple
 
 from stages.lib.errors import UserError
 
@@ -43,8 +42,7 @@ class RecordError(Exception):
     """One record that cannot be rendered; skippable with render.on_error: skip."""
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     """Where a record comes from: a line of a file, an element of a JSON array, or a row of a Parquet file."""
 
     file: str
