@@ -61,6 +61,8 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
     """Encode every record into `out_dir` (meta.json, .bin/.mask.bin and/or .jsonl); return the meta."""
     records_path = Path(records_path)
     tok = load_tokenizer(Path(tokenizer_dir), params.encoder == "auto")
+    print(f"tokenize: encoding with {tok.encoder.name}" + (" (the same ids as the tokenizers library, checked for this "
+                                                          "tokenizer)" if tok.encoder.name == "tiktoken" else ""))
     starts, lengths = index_records(records_path)
     if len(starts) == 0:
         raise UserError(f"{records_path} holds no records: check render.data_path and rerun the render stage")

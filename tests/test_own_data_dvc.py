@@ -3,11 +3,10 @@
 (`evaluate.prompts_path: ""`), all with no edit to dvc.yaml."""
 
 import json
-import shutil
 
 import pytest
 
-from test_pipeline_dvc import REPO, TINY_PARAMS, project_files, pytestmark, run, set_params  # noqa: F401
+from test_pipeline_dvc import new_repository, pytestmark, ran, run, set_params  # noqa: F401
 
 PARAGRAPHS = {"a.txt": 12, "b.txt": 8, "val.txt": 5}
 
@@ -18,21 +17,14 @@ def paragraphs(name: str, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("own-data") / "project"
-    for name in project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    repo = new_repository(tmp_path_factory.mktemp("own-data") / "project")
     (repo / "data" / "raw").mkdir(parents=True)
     for name, n in PARAGRAPHS.items():
         (repo / "data" / "raw" / name).write_text(paragraphs(name, n))
-    set_params(repo, TINY_PARAMS)
     set_params(repo, {"render": {"data_path": "data/raw", "validation_path": "data/raw/val.txt",
                                  "sources": [{"path": "data/raw/a.txt", "weight": 2}, {"path": "data/raw/b.txt"}]},
                       "train": {"total_step_budget": 3, "steps_today": 0},
                       "evaluate": {"prompts_path": ""}})
-    run(repo, "git", "init", "-q", "-b", "main")
-    run(repo, "git", "config", "user.email", "test@example.com")
-    run(repo, "git", "config", "user.name", "test")
     run(repo, "dvc", "add", "-q", "data/raw")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-q", "-m", "own data")
@@ -42,7 +34,7 @@ def repo(tmp_path_factory):
 def test_a_mixture_of_plain_text_without_held_out_prompts_runs_under_dvc_repro(repo):
     out = run(repo, "dvc", "repro")
     for stage in ("render", "tokenizer", "tokenize", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in out, out
+        assert ran(out, stage), out
     stats = json.loads((repo / "data/rendered/stats.json").read_text())
     assert [(s["path"], s["weight"], s["validation"], s["records"]) for s in stats["sources"]] == [
         ("data/raw/a.txt", 2.0, False, 12), ("data/raw/b.txt", 1.0, False, 8), ("data/raw/val.txt", 1.0, True, 5)]

@@ -72,10 +72,8 @@ def skipped(output: str, stage: str) -> bool:
     return f"Stage '{stage}' didn't change, skipping" in output
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pipeline")
-    repo, remote = root / "project", root / "remote"
+def new_repository(repo: Path) -> Path:
+    """A git repository at `repo` holding this project's files, with the tiny params, not yet committed."""
     for name in project_files():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
@@ -83,6 +81,13 @@ def repo(tmp_path_factory) -> Path:
     run(repo, "git", "init", "-q", "-b", "main")
     run(repo, "git", "config", "user.email", "test@example.com")
     run(repo, "git", "config", "user.name", "test")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    repo, remote = new_repository(root / "project"), root / "remote"
     run(repo, "dvc", "remote", "modify", "storage", "url", str(remote))
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-q", "-m", "project")

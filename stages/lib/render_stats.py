@@ -96,7 +96,7 @@ class Stats:
 
     def warnings(self) -> list[str]:
         """One line per kind of suspicious record and for the dropped fields, naming the first places."""
-        lines = [f"{tally.count:,} {SUSPICIOUS[kind]}, first: {', '.join(tally.first)}"
+        lines = [f"{tally.count:,} {SUSPICIOUS[kind]}, first: {', '.join(tally.first[:3])}"
                  for kind, tally in ((k, self.suspicious[k]) for k in SUSPICIOUS if k in self.suspicious)]
         if self.fields_dropped:
             named = ", ".join(f"{name} ({t.count:,}x, first {t.first[0]})"
