@@ -25,16 +25,21 @@ unless `render.on_error: skip`, which skips and counts them. Suspicious records 
 locations in stats.json and the summary: empty answers (`render.empty_answers: skip` drops them), conversations
 without a user turn, records longer than `render.long_record_chars`, and fields that nothing reads, by name.
 
-The files are cut into pieces (stages/lib/pieces.py), rendered by `render.workers` processes and written in order to
-a temporary file renamed at the end: the same input gives byte-identical outputs with any number of processes.
+The files are cut into pieces (stages/lib/pieces.py), rendered by `render.workers` processes (each writing a piece
+to a part file, so memory holds no more than a record at a time) and written in order to a temporary file renamed
+at the end: the same input gives byte-identical outputs with any number of processes.
 """
 
+import contextlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from tqdm import tqdm
 
@@ -75,12 +80,19 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
     workers = worker_count(params.render.workers, len(pieces), total)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="render", file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5, disable=total < PARALLEL_FROM_BYTES)
-    with replaced_file(out_dir / RECORDS_FILE) as out, bar:
-        results = ordered_map(render_piece, pieces, workers, start_worker, (params, sources, mappings))
-        for piece, (text, piece_stats, error) in zip(pieces, results):
+    with replaced_file(out_dir / RECORDS_FILE) as out, bar, _tokenizer_loaded_once(params, workers), \
+            tempfile.TemporaryDirectory(dir=out_dir, prefix=".render-parts-") as parts:
+        # One process writes straight to the output; workers write each piece to a part file, copied in order.
+        output = out if workers == 1 else Path(parts)
+        results = ordered_map(render_piece, enumerate(pieces), workers, start_worker,
+                              (params, sources, mappings, output))
+        for piece, (part, piece_stats, error) in zip(pieces, results):
             if error:
                 raise UserError(error)
-            out.write(text)
+            if part:
+                with open(part, encoding="utf-8", newline="") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                os.unlink(part)
             piece_stats.written_by_source[piece.source] = piece_stats.records_written
             stats.merge(piece_stats)
             bar.update(piece.input_bytes)
@@ -141,34 +153,62 @@ def worker_count(setting: int | str, n_pieces: int, input_bytes: int) -> int:
 
 @dataclass
 class Context:
-    """What a worker process needs to render pieces: the params, sources, mappings and a template chooser."""
+    """What a process needs to render pieces: the params, sources, mappings, a template chooser, and where to
+    write (the output file itself, or with worker processes a folder for one part file per piece)."""
 
     params: Params
     sources: list[Source]
     mappings: list[Mapping]
     chooser: "TemplateChooser"
+    output: IO[str] | Path
 
 
-_context: Context | None = None  # set in each worker process by start_worker
+_context: Context | None = None  # set in each rendering process by start_worker
+_forked_chooser: "TemplateChooser | None" = None  # loaded by the parent just before forking workers
 
 
-def start_worker(params: Params, sources: list[Source], mappings: list[Mapping]) -> None:
+def start_worker(params: Params, sources: list[Source], mappings: list[Mapping], output: IO[str] | Path) -> None:
     """Set up this process to render pieces (the HuggingFace tokenizer, if any, is loaded when first needed)."""
     global _context
-    _context = Context(params, sources, mappings, TemplateChooser(params))
+    chooser = _forked_chooser if _forked_chooser is not None else TemplateChooser(params)
+    _context = Context(params, sources, mappings, chooser, output)
 
 
-def render_piece(piece: Piece) -> tuple[str, Stats, str | None]:
-    """(rendered lines, counts, error message or None) for one piece."""
-    ctx, stats, lines = _context, Stats(), []
+@contextlib.contextmanager
+def _tokenizer_loaded_once(params: Params, workers: int) -> Iterator[None]:
+    """With worker processes to fork, load the HuggingFace tokenizer once, here, when the templates need it."""
+    global _forked_chooser
+    template, hf = params.render.template, params.tokenizer.tokenizer_type == "huggingface"
+    if workers > 1 and (template == "tokenizer" or (template == "auto" and hf)):
+        _forked_chooser = TemplateChooser(params)
+        _forked_chooser.tokenizer  # loaded now: forked workers share it
     try:
-        for where, item in read_piece(piece, ctx.params.render.text_split):
-            line = render_record(where, item, piece, ctx, stats)
-            if line is not None:
-                lines.append(line)
+        yield
+    finally:
+        _forked_chooser = None
+
+
+def render_piece(task: tuple[int, Piece]) -> tuple[str | None, Stats, str | None]:
+    """(the part file written or None, counts, error message or None) for piece number `index` of the stage."""
+    index, piece = task
+    ctx, stats = _context, Stats()
+    try:
+        if isinstance(ctx.output, Path):
+            part = ctx.output / f"{index:07d}.jsonl"
+            with open(part, "w", encoding="utf-8", newline="") as out:
+                _render_into(out, piece, ctx, stats)
+            return str(part), stats, None
+        _render_into(ctx.output, piece, ctx, stats)
     except UserError as err:
-        return "", stats, str(err)
-    return "".join(lines), stats, None
+        return None, stats, str(err)
+    return None, stats, None
+
+
+def _render_into(out: IO[str], piece: Piece, ctx: Context, stats: Stats) -> None:
+    for where, item in read_piece(piece, ctx.params.render.text_split):
+        line = render_record(where, item, piece, ctx, stats)
+        if line is not None:
+            out.write(line)
 
 
 def render_record(where: Location, item: Any, piece: Piece, ctx: Context, stats: Stats) -> str | None:

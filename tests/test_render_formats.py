@@ -201,3 +201,18 @@ def test_pieces_and_workers_do_not_change_the_output():
     sources = [json.loads(line)["source"] for line in results[0]["records.jsonl"].splitlines()]
     assert sources[:2] == ["raw/a.txt:1", "raw/a.txt:5"] and sources[300:302] == ["raw/a.txt:1201", "raw/a.txt:1205"]
     assert sources[-1] == "raw/d.parquet[49]" and stats["records_written"] == 300 + 2 + 305 + 50 + 50
+
+
+def test_workers_render_with_the_tokenizers_chat_template_as_one_process_does():
+    from test_render import END_WITH_EOS_TEMPLATE, hf, make_hf_tokenizer
+
+    make_hf_tokenizer("tok", END_WITH_EOS_TEMPLATE)
+    write("raw/c.jsonl", jsonl(*[{"messages": CHAT}] * 40))
+    outputs = []
+    for workers in (1, 2):
+        params = parse_params({"render": {"data_path": "raw", "workers": workers},
+                               "tokenizer": hf("tok")})
+        render(params, "out", piece_bytes=2000)
+        outputs.append(Path("out/records.jsonl").read_bytes())
+    assert outputs[0] == outputs[1] and json.loads(outputs[0].splitlines()[0])["segments"][1]["text"] == "5<|end|>\n"
+    assert not [p for p in Path("out").iterdir() if p.name.startswith(".")]  # no part files left behind
