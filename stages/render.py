@@ -52,7 +52,7 @@ from stages.lib.hf_tokenizer import load_tokenizer_folder
 from stages.lib.sources import DATA_SUFFIXES, Source, sources_of
 from stages.lib.params import RENDERED_DIR, Params, RenderParams, load_params
 from stages.lib.pieces import PIECE_BYTES, Piece, file_layout, plan_file, read_piece
-from stages.lib.readers import Location, RecordError, split_suffix
+from stages.lib.readers import Location, RecordError, open_parquet, split_suffix
 from stages.lib.records import RECORDS_FILE, STATS_FILE, record_line
 from stages.lib.render_stats import Stats
 from stages.lib.workers import available_cores, ordered_map
@@ -129,8 +129,6 @@ def file_kind(path: Path, layout: str, mapping: Mapping, split: str) -> str:
     if layout == "text":
         return "text"
     if layout == "parquet":
-        from stages.lib.readers import open_parquet
-
         names = open_parquet(path).schema_arrow.names
         kind = detect_kind({name: True for name in names}, mapping)
         if kind is None:

@@ -97,10 +97,11 @@ def open_binary(path: Path) -> IO[bytes]:
 
 
 def damaged(path: Path, err: Exception) -> RecordError:
-    """The error for a file whose compressed stream breaks off."""
-    compression = split_suffix(path)[1] or "file"
-    return RecordError(f"the {compression} data is damaged or cut off ({type(err).__name__}: {err}); the rest of "
-                       "the file cannot be read: download or compress it again")
+    """The error for a file whose data breaks off (a cut-off download, a damaged compressed stream)."""
+    suffix, compression = split_suffix(path)
+    what = compression or ("Parquet" if suffix == ".parquet" else "file's")
+    return RecordError(f"the {what} data is damaged or cut off ({type(err).__name__}: {err}); the rest of the file "
+                       "cannot be read: download or compress it again")
 
 
 # ---- lines and plain text ---------------------------------------------------------------------------------------
@@ -302,7 +303,9 @@ def parquet_rows(path: Path, file: str, row_groups: list[int], first_row: int,
 
     row = first_row
     try:
-        for batch in open_parquet(path).iter_batches(batch_size=1024, row_groups=row_groups, columns=columns):
+        # No pyarrow threads: the render stage's worker processes are the parallelism.
+        for batch in open_parquet(path).iter_batches(batch_size=1024, row_groups=row_groups, columns=columns,
+                                                     use_threads=False):
             for record in batch.to_pylist():
                 yield Location(file, index=row, unit="row"), record
                 row += 1
