@@ -30,6 +30,7 @@ to a part file, so memory holds no more than a record at a time) and written in 
 at the end: the same input gives byte-identical outputs with any number of processes.
 """
 
+import collections
 import contextlib
 import json
 import os
@@ -51,7 +52,7 @@ from stages.lib.files import replaced_file
 from stages.lib.hf_tokenizer import load_tokenizer_folder
 from stages.lib.sources import DATA_SUFFIXES, Source, sources_of
 from stages.lib.params import RENDERED_DIR, Params, RenderParams, load_params
-from stages.lib.pieces import PIECE_BYTES, Piece, file_layout, plan_file, read_piece
+from stages.lib.pieces import PIECE_BYTES, Piece, expanded, file_layout, plan_file, read_piece
 from stages.lib.readers import Location, RecordError, open_parquet, split_suffix
 from stages.lib.records import RECORDS_FILE, STATS_FILE, record_line
 from stages.lib.render_stats import Stats
@@ -77,16 +78,18 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
     stats = Stats(sources=[s.describe() for s in sources])
     pieces = plan(sources, mappings, params.render, stats, piece_bytes)
     total = sum(p.input_bytes for p in pieces)
-    workers = worker_count(params.render.workers, len(pieces), total)
+    workers = worker_count(params.render.workers, pieces)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="render", file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5, disable=total < PARALLEL_FROM_BYTES)
     with replaced_file(out_dir / RECORDS_FILE) as out, bar, _tokenizer_loaded_once(params, workers), \
             tempfile.TemporaryDirectory(dir=out_dir, prefix=".render-parts-") as parts:
         # One process writes straight to the output; workers write each piece to a part file, copied in order.
         output = out if workers == 1 else Path(parts)
-        results = ordered_map(render_piece, enumerate(pieces), workers, start_worker,
-                              (params, sources, mappings, output))
-        for piece, (part, piece_stats, error) in zip(pieces, results):
+        produced = collections.deque()  # the pieces handed out, whose results come back in the same order
+        tasks = enumerate(produced.append(p) or p for p in expanded(pieces, params.render.text_split, piece_bytes))
+        for part, piece_stats, error in ordered_map(render_piece, tasks, workers, start_worker,
+                                                    (params, sources, mappings, output)):
+            piece = produced.popleft()
             if error:
                 raise UserError(error)
             if part:
@@ -142,11 +145,14 @@ def file_kind(path: Path, layout: str, mapping: Mapping, split: str) -> str:
     return "empty"
 
 
-def worker_count(setting: int | str, n_pieces: int, input_bytes: int) -> int:
+def worker_count(setting: int | str, pieces: list[Piece]) -> int:
     """Processes to render with: render.workers, or with auto every core for inputs big enough to gain."""
+    # A compressed file becomes pieces only as it is read, and its text is several times its size.
+    streamed = any(p.streamed for p in pieces)
     if setting == "auto":
-        setting = available_cores() if input_bytes >= PARALLEL_FROM_BYTES else 1
-    return max(1, min(setting, n_pieces))
+        size = sum(p.input_bytes * (4 if p.streamed else 1) for p in pieces)
+        setting = available_cores() if size >= PARALLEL_FROM_BYTES else 1
+    return max(1, setting if streamed else min(setting, len(pieces)))
 
 
 @dataclass

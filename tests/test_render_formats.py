@@ -97,8 +97,32 @@ def test_a_cut_off_gzip_file_keeps_what_came_before_and_counts_the_damage():
     data = gzip.compress(jsonl(*INSTRUCTIONS * 200).encode())
     write("raw/i.jsonl.gz", data[:len(data) // 2])
     records, stats = run("raw/i.jsonl.gz", on_error="skip")
-    assert 0 < len(records) < 1000 and stats["records_skipped"] == 1
-    assert "gzip data is damaged or cut off" in stats["skipped"][0]["problem"]
+    assert 0 < len(records) < 1000 and stats["records_skipped"] == 2
+    half_line, damage = stats["skipped"]
+    assert half_line["line"] == len(records) + 1 and "malformed JSON" in half_line["problem"]
+    assert "gzip data is damaged or cut off" in damage["problem"] and damage["line"] is None
+
+
+def test_a_compressed_file_is_cut_into_pieces_as_it_is_read():
+    from stages.lib.pieces import expanded, file_layout, plan_file
+
+    lines = jsonl(*INSTRUCTIONS * 300)
+    write("raw/i.jsonl.zst", zstandard.ZstdCompressor().compress(lines.encode()))
+    text = "".join(f"paragraph {i}\nline two\n\n" for i in range(3000))
+    write("raw/t.txt.gz", gzip.compress(text.encode()))
+    for name, layout, expected in (("raw/i.jsonl.zst", "jsonl", lines), ("raw/t.txt.gz", "text", text)):
+        planned = plan_file(Path(name), 0, file_layout(Path(name), False, ("role",)), "text", "paragraph")
+        pieces = list(expanded(planned, "paragraph", piece_bytes=2000))
+        assert len(pieces) > 10 and b"".join(p.data for p in pieces).decode() == expected
+        assert all(p.data.endswith(b"\n") for p in pieces)
+        if layout == "text":  # cut where a blank line starts, so no paragraph is split
+            assert all(p.data.startswith(b"\n") for p in pieces[1:])
+        assert [p.first_line for p in pieces] == [1 + b"".join(q.data for q in pieces[:i]).count(b"\n")
+                                                  for i in range(len(pieces))]
+    one, _ = run("raw", workers=1)
+    Path("out/records.jsonl").rename("one.jsonl")
+    render(parse_params({"render": {"data_path": "raw", "workers": 2}}), "out", piece_bytes=2000)
+    assert Path("out/records.jsonl").read_bytes() == Path("one.jsonl").read_bytes() and len(one) == 1500 + 3000
 
 
 def test_multi_frame_zstd_is_read_whole():

@@ -1,21 +1,26 @@
 """Pieces of work for the render stage: each input file cut into parts that worker processes read on their own.
 
 A piece is a byte range of an uncompressed line-based file (cut at the start of a line, or of a blank line for
-paragraphs, and knowing the number of its first line), a run of Parquet row groups, or a whole file (compressed
-files, JSON arrays, text read as one document per file). Pieces are planned from the files alone, never from the
-number of workers, and the stage writes their output in order, so the result is the same with one process or many.
+paragraphs, and knowing the number of its first line), a run of Parquet row groups, or a whole file (JSON arrays,
+text read as one document per file). A compressed line-based file is decompressed by the stage itself and cut the
+same way as it is read (`expanded`): its pieces carry their bytes. Pieces are cut from the files alone, never by
+the number of workers, and the stage writes their output in order, so the result is the same with one process or
+many.
 """
 
+import io
+import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from stages.lib.readers import (Location, damaged, json_array_records, jsonl_records, open_binary, open_parquet,
-                                parquet_rows, read_lines, split_suffix, starts_as_array, text_documents)
+from stages.lib.readers import (Location, RecordError, damaged, json_array_records, jsonl_records, open_binary,
+                                open_parquet, parquet_rows, read_lines, split_suffix, starts_as_array, text_documents)
 
 PIECE_BYTES = 16 << 20  # input bytes per piece: small enough to share a file among workers, large enough to pay
 _COUNT_BLOCK = 16 << 20
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")  # the line ending before a blank line, and the blank line
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,9 @@ class Piece:
     columns: tuple[str, ...] = ()  # Parquet: the columns read
     dropped: tuple[str, ...] = ()  # Parquet: the columns nothing reads (counted as dropped fields)
     input_bytes: int = 0  # about how much of the file it covers, for progress
+    streamed: bool = False  # a compressed line-based file, to be cut by `expanded` as it is decompressed
+    data: bytes | None = None  # the piece's own (decompressed) bytes, when `expanded` cut it
+    damage: str = ""  # what broke off the decompression after `data`
 
 
 def file_layout(path: Path, forced_text: bool, role_keys: tuple[str, ...]) -> str:
@@ -56,8 +64,10 @@ def plan_file(path: Path, source: int, layout: str, kind: str, split: str, piece
     file, size = path.as_posix(), path.stat().st_size
     if layout == "parquet":
         return _parquet_pieces(path, source, kind, piece_bytes, columns)
-    if layout == "array" or split_suffix(path)[1] or (layout == "text" and split == "file"):
+    if layout == "array" or (layout == "text" and split == "file"):
         return [Piece(file, source, layout, kind, input_bytes=size)]
+    if split_suffix(path)[1]:
+        return [Piece(file, source, layout, kind, input_bytes=size, streamed=True)]
     cuts = _line_cuts(path, piece_bytes, paragraphs=layout == "text" and split == "paragraph")
     ends = [start for start, _ in cuts[1:]] + [size]
     return [Piece(file, source, layout, kind, start, end - start, first, input_bytes=end - start)
@@ -70,7 +80,7 @@ def read_piece(piece: Piece, split: str) -> Iterator[tuple[Location, Any]]:
     if piece.layout == "parquet":
         yield from parquet_rows(path, piece.path, list(piece.row_groups), piece.first_row, list(piece.columns))
         return
-    with open_binary(path) as stream:
+    with open_binary(path) if piece.data is None else io.BytesIO(piece.data) as stream:
         if piece.start:
             stream.seek(piece.start)
         try:
@@ -84,6 +94,47 @@ def read_piece(piece: Piece, split: str) -> Iterator[tuple[Location, Any]]:
                 yield from jsonl_records(lines, piece.path)
         except _stream_errors(path) as err:
             yield Location(piece.path), damaged(path, err)
+    if piece.damage:
+        yield Location(piece.path), RecordError(piece.damage)
+
+
+def expanded(pieces: Iterable[Piece], split: str, piece_bytes: int = PIECE_BYTES) -> Iterator[Piece]:
+    """The pieces, each streamed one cut here into pieces of about piece_bytes of its decompressed lines."""
+    for piece in pieces:
+        if piece.streamed:
+            yield from _cut_stream(piece, paragraphs=piece.layout == "text" and split == "paragraph",
+                                   piece_bytes=piece_bytes)
+        else:
+            yield piece
+
+
+def _cut_stream(piece: Piece, paragraphs: bool, piece_bytes: int) -> Iterator[Piece]:
+    """Pieces of a compressed file, each cut at the first line start (a blank line's for paragraphs) after
+    piece_bytes; the last one also says what broke off the decompression, if something did."""
+    path, line, data, consumed, damage = Path(piece.path), piece.first_line, bytearray(), 0, ""
+    with open(path, "rb") as raw, open_binary(path, raw) as stream:
+        try:
+            # read1: whatever is decompressed so far, so a file that breaks off loses nothing before the break
+            while block := stream.read1(1 << 20):
+                data += block
+                while len(data) >= piece_bytes and (cut := _first_cut(data, piece_bytes, paragraphs)) > 0:
+                    yield replace(piece, streamed=False, data=bytes(data[:cut]), first_line=line,
+                                  input_bytes=raw.tell() - consumed)
+                    line, consumed = line + data.count(b"\n", 0, cut), raw.tell()
+                    del data[:cut]
+        except _stream_errors(path) as err:
+            damage = str(damaged(path, err))
+    if data or damage:
+        yield replace(piece, streamed=False, data=bytes(data), first_line=line, damage=damage,
+                      input_bytes=piece.input_bytes - consumed)
+
+
+def _first_cut(data: bytearray, at: int, paragraphs: bool) -> int:
+    """The first line start after byte `at` (for paragraphs: the first blank line's), or -1."""
+    if not paragraphs:
+        return data.find(b"\n", at - 1) + 1 or -1
+    blank = _BLANK_LINE.search(data, max(0, at - 1))
+    return blank.start() + 1 if blank else -1
 
 
 def _stream_errors(path: Path) -> tuple[type, ...]:

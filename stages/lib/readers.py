@@ -81,19 +81,22 @@ def split_suffix(path: Path) -> tuple[str, str | None]:
     return (suffixes[-1] if suffixes else ""), compression
 
 
-def open_binary(path: Path) -> IO[bytes]:
-    """The file's bytes as a stream, decompressed on the fly when its name ends in .gz or .zst."""
+def open_binary(path: Path, raw: IO[bytes] | None = None) -> IO[bytes]:
+    """The file's bytes as a stream, decompressed on the fly when its name ends in .gz or .zst.
+
+    `raw`: the file already open (its position then tells how much of the compressed file was read).
+    """
     compression = split_suffix(path)[1]
     if compression == "gzip":
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw) if raw else gzip.open(path, "rb")
     if compression == "zstd":
         import zstandard  # only needed for .zst files
 
         # read_across_frames: files written by parallel compressors hold many frames; a large window for --long.
         reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True)
+            raw or open(path, "rb"), read_across_frames=True, closefd=raw is None)
         return io.BufferedReader(reader, buffer_size=1 << 20)
-    return open(path, "rb")
+    return raw or open(path, "rb")
 
 
 def damaged(path: Path, err: Exception) -> RecordError:
