@@ -38,28 +38,24 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Iterator
 
 from tqdm import tqdm
 
-from stages.lib import templates
 from stages.lib.errors import UserError, run_stage
-from stages.lib.fields import KINDS, Mapping, Read, detect_kind, read_chat, read_instruction, read_text, \
-    unknown_shape
+from stages.lib.fields import KINDS, Mapping, detect_kind, unknown_shape
 from stages.lib.files import replaced_file
-from stages.lib.hf_tokenizer import load_tokenizer_folder
-from stages.lib.sources import DATA_SUFFIXES, Source, sources_of
 from stages.lib.params import RENDERED_DIR, Params, RenderParams, load_params
 from stages.lib.pieces import PIECE_BYTES, Piece, expanded, file_layout, plan_file, read_piece
 from stages.lib.readers import Location, RecordError, open_parquet, split_suffix
-from stages.lib.records import RECORDS_FILE, STATS_FILE, record_line
+from stages.lib.records import RECORDS_FILE, STATS_FILE
 from stages.lib.render_stats import Stats
+from stages.lib.rendering import Context, TemplateChooser, render_record
+from stages.lib.sources import DATA_SUFFIXES, Source, sources_of
 from stages.lib.workers import available_cores, ordered_map
 
 PARALLEL_FROM_BYTES = 32 << 20  # with render.workers: auto, smaller inputs are rendered in this process
-READERS = {"text": read_text, "instruction": read_instruction, "chat": read_chat}
 
 
 def main() -> None:
@@ -155,20 +151,8 @@ def worker_count(setting: int | str, pieces: list[Piece]) -> int:
     return max(1, setting if streamed else min(setting, len(pieces)))
 
 
-@dataclass
-class Context:
-    """What a process needs to render pieces: the params, sources, mappings, a template chooser, and where to
-    write (the output file itself, or with worker processes a folder for one part file per piece)."""
-
-    params: Params
-    sources: list[Source]
-    mappings: list[Mapping]
-    chooser: "TemplateChooser"
-    output: IO[str] | Path
-
-
 _context: Context | None = None  # set in each rendering process by start_worker
-_forked_chooser: "TemplateChooser | None" = None  # loaded by the parent just before forking workers
+_forked_chooser: TemplateChooser | None = None  # loaded by the parent just before forking workers
 
 
 def start_worker(params: Params, sources: list[Source], mappings: list[Mapping], output: IO[str] | Path) -> None:
@@ -213,145 +197,6 @@ def _render_into(out: IO[str], piece: Piece, ctx: Context, stats: Stats) -> None
         line = render_record(where, item, piece, ctx, stats)
         if line is not None:
             out.write(line)
-
-
-def render_record(where: Location, item: Any, piece: Piece, ctx: Context, stats: Stats) -> str | None:
-    """The records.jsonl line of one record, or None when it is skipped; counts it in stats."""
-    render, mapping = ctx.params.render, ctx.mappings[piece.source]
-    stats.records_read += 1
-    try:
-        if isinstance(item, RecordError):
-            raise item
-        forced = ctx.sources[piece.source].format or render.format
-        kind = forced if forced != "auto" else "text" if piece.layout == "text" else piece.kind
-        read = _read(kind, item, mapping, forced != "auto")
-        segments, template = _segments(kind, read, piece.path, ctx.chooser)
-        line = _record_line(where, kind, segments)
-    except templates.TemplateError as err:
-        raise UserError(f"{where.described()}: {err}") from None
-    except RecordError as err:
-        _bad_record(where, str(err), render, stats)
-        return None
-    characters, at = sum(len(s["text"]) for s in segments), str(where)
-    if _flag(kind, read, characters, at, render, stats) and render.empty_answers == "skip":
-        stats.skip({**where.as_json(), "problem": "empty answer (render.empty_answers: skip)"})
-        return None
-    stats.dropped(read.dropped + list(piece.dropped) if piece.dropped else read.dropped, at)
-    stats.records_written += 1
-    stats.characters += characters
-    if template:
-        stats.templates.add(template)
-    return line
-
-
-def _read(kind: str, item: Any, mapping: Mapping, forced: bool) -> Read:
-    """The record read as `kind`; a record of no known shape says so (unless the kind was forced)."""
-    if kind not in READERS:  # a file with no record of a known shape
-        raise RecordError(unknown_shape(item))
-    try:
-        return READERS[kind](item, mapping)
-    except RecordError:
-        if not forced and detect_kind(item, mapping) is None:
-            raise RecordError(unknown_shape(item)) from None
-        raise
-
-
-def _segments(kind: str, read: Read, file: str, chooser: "TemplateChooser") -> tuple[list[dict], str | None]:
-    """(segments, template used) for one record."""
-    if kind == "text":
-        return [templates.segment(read.value, True)], None
-    tools = read.tools
-    if kind == "instruction":
-        template = chooser.for_instruction(file)
-        if template == "alpaca":
-            return templates.render_instruction(*read.value), template
-        messages = templates.instruction_as_chat(*read.value)
-    else:
-        messages, template = read.value, chooser.for_chat(file)
-    tokenizer = chooser.tokenizer if template == "tokenizer" else None
-    if tokenizer is not None:
-        if tools and not templates.accepts(tokenizer, "tools"):
-            read.dropped.append("tools")  # counted: the template has nowhere to put them
-            tools = None
-        if any("tool_calls" in m for m in messages) and not templates.accepts(tokenizer, "tool_calls"):
-            raise RecordError("the conversation has tool calls, which the tokenizer's chat template does not "
-                              "render (it never mentions tool_calls); set render.template: chatml")
-    try:
-        return templates.render_chat(messages, template, tokenizer, tools), template
-    except templates.TemplateError:
-        raise
-    except UserError as err:  # the chat template refused this conversation
-        raise RecordError(str(err)) from None
-
-
-def _flag(kind: str, read: Read, characters: int, where: str, render: RenderParams, stats: Stats) -> bool:
-    """Count what is suspicious about a record; True when its answer is empty."""
-    if kind == "text":
-        empty = _blank(read.value)
-    elif kind == "instruction":
-        empty = _blank(read.value[2])
-    else:
-        answers = [m for m in read.value if m["role"] == "assistant"]
-        empty = not answers or any(_blank(m["content"]) and not m.get("tool_calls") for m in answers)
-        if not any(m["role"] == "user" for m in read.value):
-            stats.flag("no_user_turn", where)
-    if empty:
-        stats.flag("empty_answer", where)
-    if render.long_record_chars and characters > render.long_record_chars:
-        stats.flag("long_record", where)
-    return empty
-
-
-def _blank(text: str) -> bool:
-    return not text or text.isspace()
-
-
-class TemplateChooser:
-    """Picks the template for each kind of data from render.template, loading the HF tokenizer only if needed."""
-
-    def __init__(self, params: Params):
-        self.params = params
-        self._tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            tok = self.params.tokenizer
-            self._tokenizer = load_tokenizer_folder(Path(tok.tokenizer_path), tok.trust_remote_code)
-        return self._tokenizer
-
-    def for_chat(self, file: str) -> str:
-        """'chatml' or 'tokenizer' for the chat data in `file`."""
-        chosen = self.params.render.template
-        if chosen == "alpaca":
-            raise UserError(f"{file} holds chat data, which render.template = 'alpaca' cannot render (Alpaca has "
-                            "one instruction and one answer); use auto, chatml or tokenizer")
-        if chosen == "auto":
-            hf = self.params.tokenizer.tokenizer_type == "huggingface"
-            return "tokenizer" if hf and templates.has_chat_template(self.tokenizer) else "chatml"
-        if chosen == "tokenizer" and not templates.has_chat_template(self.tokenizer):
-            raise UserError(f"render.template = 'tokenizer' but the tokenizer at tokenizer.tokenizer_path = "
-                            f"{self.params.tokenizer.tokenizer_path!r} has no chat template; use chatml or auto")
-        return chosen
-
-    def for_instruction(self, file: str) -> str:
-        """'alpaca', or a chat template when render.template asks for one."""
-        chosen = self.params.render.template
-        return "alpaca" if chosen in ("auto", "alpaca") else self.for_chat(file)
-
-
-def _record_line(where: Location, kind: str, segments: list[dict]) -> str:
-    try:
-        return record_line(str(where), kind, segments)
-    except ValueError as err:
-        raise RecordError(str(err)) from None
-
-
-def _bad_record(where: Location, problem: str, render: RenderParams, stats: Stats) -> None:
-    if render.on_error == "stop":
-        raise UserError(f"{where.described()}: {problem}. Fix the record, or set render.on_error: skip to skip "
-                        "bad records (they are counted in data/rendered/stats.json)")
-    stats.skip({**where.as_json(), "problem": problem})
 
 
 def _what(render: RenderParams) -> str:

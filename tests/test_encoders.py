@@ -11,7 +11,6 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from conftest import save_tokenizer, write_rendered
 from stages.lib.encoders import TiktokenEncoder, TokenizersEncoder, byte_decoder, encoder_for
-from stages.lib.params import TokenizeParams
 from stages.tokenize import tokenize_records
 from stages.tokenizer import train_bpe
 from test_tokenize import PARAMS, sample_records
