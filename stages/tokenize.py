@@ -71,7 +71,7 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
     chunk_bytes = max(1, int(params.chunk_mb * (1 << 20)))
     meta = new_meta(tok.vocab_size, tok.eos_id, tok.fingerprint, params.save_bin, save_jsonl)
     dtype = meta["dtype"]
-    total_bytes = int(sum(lengths[order].sum() for order in splits.values()))
+    total_bytes = sum(_bytes_of(lengths, order) for order in splits.values())
     with replaced_folder(out_dir) as folder, _Progress(total_bytes) as progress:
         for split, order in splits.items():
             with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
@@ -149,21 +149,42 @@ def _eos_token(folder: Path) -> str:
 
 
 def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offset and byte length of every non-blank line of `path`, in one streaming pass."""
+    """Byte offset (int64) and byte length (int32) of every non-blank line of `path`.
+
+    Two streaming passes: one counts the lines, the other fills arrays of that size, so memory holds the two
+    numbers per line and no copy of them (a gigabyte of short documents is millions of lines).
+    """
     if not path.exists():
         raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
-    line_starts, newlines, size = [np.zeros(1, np.int64)], [], 0
+    with open(path, "rb") as f:
+        n_lines = sum(block.count(b"\n") for block in iter(lambda: f.read(_INDEX_BLOCK), b"")) + 1
+    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int32)
+    kept, line_start, size = 0, 0, 0
     with open(path, "rb") as f:
         while block := f.read(_INDEX_BLOCK):
-            at = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")).astype(np.int64) + size
-            newlines.append(at)
-            line_starts.append(at + 1)
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + size
+            line_starts = np.concatenate(([line_start], ends[:-1] + 1)) if len(ends) else ends
+            kept = _keep_lines(starts, lengths, kept, line_starts, ends)
+            line_start = int(ends[-1]) + 1 if len(ends) else line_start
             size += len(block)
-    starts = np.concatenate(line_starts)
-    ends = np.concatenate(newlines + [np.array([size], np.int64)])
-    lengths = ends - starts
-    keep = lengths > 0
-    return starts[keep], lengths[keep]
+    kept = _keep_lines(starts, lengths, kept, np.array([line_start]), np.array([size]))
+    return starts[:kept], lengths[:kept]
+
+
+def _keep_lines(starts: np.ndarray, lengths: np.ndarray, kept: int, line_starts: np.ndarray,
+                ends: np.ndarray) -> int:
+    """Append the non-empty lines [line_starts, ends) to the arrays after their first `kept`; return the new count."""
+    size = ends - line_starts
+    keep = size > 0
+    n = int(keep.sum())
+    starts[kept:kept + n] = line_starts[keep]
+    lengths[kept:kept + n] = size[keep]
+    return kept + n
+
+
+def _bytes_of(lengths: np.ndarray, order: np.ndarray) -> int:
+    """The bytes of the records `order` names, summed a million at a time (no array as long as `order`)."""
+    return sum(int(lengths[order[i:i + (1 << 20)]].sum(dtype=np.int64)) for i in range(0, len(order), 1 << 20))
 
 
 def split_documents(n_docs: int, val_ratio: float, shuffle: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
