@@ -200,6 +200,7 @@ def split_documents(n_docs: int, val_ratio: float, shuffle: bool, seed: int) -> 
                             "least 2 (one for training, one for validation); add data or set val_ratio: 0")
         n_val = min(max(1, round(n_docs * val_ratio)), n_docs - 1)
     order = np.random.default_rng(seed).permutation(n_docs) if shuffle else np.arange(n_docs)
+    order = order.astype(np.int32) if n_docs < 1 << 31 else order  # half the memory for millions of documents
     return order[:n_docs - n_val], order[n_docs - n_val:]
 
 
