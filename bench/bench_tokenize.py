@@ -118,9 +118,12 @@ def run_render(folder: Path, workers: int) -> dict:
     started = time.perf_counter()
     stats = render(parse_params({"render": {"data_path": str(folder / "raw"), "workers": workers}}), out)
     seconds = time.perf_counter() - started
-    digest = hashlib.sha256((out / "records.jsonl").read_bytes()).hexdigest()
+    digest = hashlib.sha256()  # a block at a time: reading the output whole would be the peak of memory
+    with open(out / "records.jsonl", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     (out / "records.jsonl").unlink()  # the next run writes its own
-    return {"seconds": seconds, "records": stats["records_written"], "sha256": digest}
+    return {"seconds": seconds, "records": stats["records_written"], "sha256": digest.hexdigest()}
 
 
 def measure(kind: str, folder: Path, tokenizer: Path, chunk_mb: float, workers: int = 1) -> dict:
