@@ -21,12 +21,15 @@ token that counts are skipped. `evaluate.max_val_tokens` > 0 scores only the fir
 Held-out answers: greedy decoding from the prompt training used for instruction data (Alpaca, or the chat template
 when `render.template` names one), up to `evaluate.max_new_tokens`, stopping at EOS (or an end-of-turn token such
 as `<|im_end|>`), prompts batched `evaluate.batch_size` at a time. Instruction and chat data have these; for a
-model of plain text only, set `evaluate.prompts_path: ""`.
+model of plain text only, set `evaluate.prompts_path: ""` (dvc.yaml tracks the folder `data/eval/`, so an empty
+path needs no edit there). Scoring a model trained on other data with the bundled sample's prompts says nothing
+about it: the stage warns when it does.
 The same model and data give byte-identical outputs.
 """
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +41,13 @@ from stages.lib.errors import UserError, run_stage
 from stages.lib.files import write_atomically
 from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
 from stages.lib.loss import make_loss_fn
-from stages.lib.params import MODELS_DIR, TOKENS_DIR, load_params
+from stages.lib.params import MODELS_DIR, TOKENS_DIR, RenderParams, load_params
 from stages.lib.token_files import packing_for, read_meta
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
 LEADING = ("val_loss", "exact_match")
+HELDOUT_DIR = Path("data/eval")  # what dvc.yaml tracks for the held-out prompts
+SAMPLE_DIR = Path("data/sample")  # the bundled sample data
 
 
 def main() -> None:
@@ -55,10 +60,12 @@ def main() -> None:
                         f"model there (train.model_name = {params.train.model_name!r})")
     model, tokenizer = load_model(model_dir, params.tokenizer.trust_remote_code, params.train.device)
     packing = packing_for(read_meta(TOKENS_DIR), params.train.packing)
-    samples = split_samples(TOKENS_DIR, "val", params.train.seq_len, packing, seed=None, required=False,
-                            max_tokens=p.max_val_tokens)
-    metrics = validation_loss(model, samples, p.batch_size)
+    val_samples = split_samples(TOKENS_DIR, "val", params.train.seq_len, packing, seed=None, required=False,
+                                max_tokens=p.max_val_tokens)
+    metrics = validation_loss(model, val_samples, p.batch_size)
     examples = read_heldout(p.prompts_path, p.num_prompts)
+    for warning in heldout_warnings(p.prompts_path, params.render):
+        print(f"evaluate: warning: {warning}", file=sys.stderr)
     template = instruction_template(params.render.template)
     samples = answer_heldout(model, tokenizer, examples, p.max_new_tokens, p.batch_size, template)
     metrics.update(score(samples))
@@ -112,6 +119,42 @@ def read_heldout(path: str, limit: int = 0) -> list[dict]:
             if line.strip():
                 examples.append(_heldout_example(line, f"{path}:{number}"))
     return examples
+
+
+def heldout_warnings(prompts_path: str, render: RenderParams) -> list[str]:
+    """What is doubtful about the held-out prompts: the bundled sample's for a model of other data; untracked."""
+    if not prompts_path:
+        return []
+    path, warnings = Path(prompts_path), []
+    if not path.resolve().is_relative_to(HELDOUT_DIR.resolve()):
+        warnings.append(f"evaluate.prompts_path = {prompts_path!r} is outside {HELDOUT_DIR}/, the folder dvc.yaml "
+                        "tracks for this stage: DVC will not rerun it when that file changes; move the file there")
+    if is_sample_heldout(path) and not trains_on_sample(render):
+        data = ", ".join(repr(s.path) for s in render.sources) or repr(render.data_path)
+        warnings.append(f"{prompts_path} holds the bundled sample's held-out prompts (arithmetic and made-up words), "
+                        f"but the model is trained on other data ({data}): its exact match says nothing about "
+                        "your data. Point evaluate.prompts_path at held-out prompts of your own (JSONL with "
+                        f"instruction, input, output, kept in {HELDOUT_DIR}/), or set it to \"\" to skip them")
+    return warnings
+
+
+def is_sample_heldout(path: Path) -> bool:
+    """Whether a held-out file is the bundled sample's: at its place, with the `task` field its records carry."""
+    if path.resolve() != (HELDOUT_DIR / "heldout.jsonl").resolve():
+        return False
+    with open(path, encoding="utf-8-sig") as f:
+        first = f.readline()
+    try:
+        return "task" in json.loads(first)
+    except (ValueError, TypeError):
+        return False
+
+
+def trains_on_sample(render: RenderParams) -> bool:
+    """Whether the training data includes the bundled sample (data/sample)."""
+    sample = SAMPLE_DIR.resolve()
+    paths = [s.path for s in render.sources] or [render.data_path]
+    return any(sample.is_relative_to(Path(p).resolve()) or Path(p).resolve().is_relative_to(sample) for p in paths)
 
 
 def _heldout_example(line: str, where: str) -> dict:

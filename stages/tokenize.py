@@ -2,11 +2,16 @@
 
 Run it as `python -m stages.tokenize`; run as a script this file would shadow the standard library's `tokenize`.
 
+Splits: the validation split is the render stage's validation source when it has one, else `tokenize.val_ratio`
+of the documents drawn by `tokenize.seed`; then each source's training documents are repeated or subsampled by
+its weight (stages/lib/mixture.py).
+
 How it stays fast and bounded in memory:
 - one pass notes where each record's line starts; documents are split and shuffled as indices and read back by
   offset, so memory holds two numbers per document, never the corpus;
-- text is encoded about `tokenize.chunk_mb` at a time with `encode_batch`, which spreads documents over the cores,
-  and the ids are written out before the next chunk is read;
+- text is encoded about `tokenize.chunk_mb` at a time and the ids are written out before the next chunk is read;
+  a byte-level BPE is run by tiktoken, which gives the same ids several times faster (stages/lib/encoders.py,
+  `tokenize.encoder`), any other tokenizer by `encode_batch`, which spreads documents over the cores;
 - character offsets (needed for the loss mask) are computed only for documents that mix prompt and response.
 """
 
@@ -17,18 +22,19 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import chain, repeat
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from stages.lib.encoders import encoder_for
 from stages.lib.errors import UserError, run_stage
 from stages.lib.files import replaced_folder
+from stages.lib.mixture import read_spans, validation_split, weighted
 from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
-from stages.lib.records import RECORDS_FILE, Document, parse_record
+from stages.lib.records import RECORDS_FILE, Document, as_document, parse_record
 from stages.lib.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
@@ -42,6 +48,7 @@ class TokenizerInfo:
     eos_id: int
     vocab_size: int
     fingerprint: str
+    encoder: Any  # stages/lib/encoders.py: TiktokenEncoder or TokenizersEncoder
 
 
 def main() -> None:
@@ -53,16 +60,19 @@ def main() -> None:
 def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, params: TokenizeParams) -> dict:
     """Encode every record into `out_dir` (meta.json, .bin/.mask.bin and/or .jsonl); return the meta."""
     records_path = Path(records_path)
-    tok = load_tokenizer(Path(tokenizer_dir))
+    tok = load_tokenizer(Path(tokenizer_dir), params.encoder == "auto")
+    print(f"tokenize: encoding with {tok.encoder.name}" + (" (the same ids as the tokenizers library, checked for this "
+                                                          "tokenizer)" if tok.encoder.name == "tiktoken" else ""))
     starts, lengths = index_records(records_path)
     if len(starts) == 0:
         raise UserError(f"{records_path} holds no records: check render.data_path and rerun the render stage")
-    splits = dict(zip(("train", "val"), split_documents(len(starts), params.val_ratio, params.shuffle, params.seed)))
+    splits = dict(zip(("train", "val"), plan_splits(read_spans(records_path.parent, len(starts)), params)))
     save_jsonl = params.emit_jsonl or not params.save_bin
     chunk_bytes = max(1, int(params.chunk_mb * (1 << 20)))
     meta = new_meta(tok.vocab_size, tok.eos_id, tok.fingerprint, params.save_bin, save_jsonl)
     dtype = meta["dtype"]
-    with replaced_folder(out_dir) as folder, _Progress(int(lengths.sum())) as progress:
+    total_bytes = sum(_bytes_of(lengths, order) for order in splits.values())
+    with replaced_folder(out_dir) as folder, _Progress(total_bytes) as progress:
         for split, order in splits.items():
             with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
@@ -87,8 +97,36 @@ def record_source(path: Path, offset: int, length: int) -> str:
     return source if isinstance(source, str) else f"{path}:{_line_number(path, offset)}"
 
 
-def load_tokenizer(folder: Path) -> TokenizerInfo:
-    """Load `tokenizer.json` with the `tokenizers` library and find its EOS id and full vocabulary size."""
+def plan_splits(spans: list, params: TokenizeParams) -> tuple[np.ndarray, np.ndarray]:
+    """Document indices of the train and val splits, in the order they are written (see the module docstring)."""
+    held_out = validation_split(spans, params.shuffle, params.seed)
+    if held_out is None:
+        training = sum(s.records for s in spans)
+        held_out = split_documents(training, params.val_ratio, params.shuffle, params.seed)
+    elif params.val_ratio:
+        print(f"tokenize: the validation split is the render stage's validation source; tokenize.val_ratio = "
+              f"{params.val_ratio} is not used")
+    train, val = held_out
+    train = weighted(train, spans, params.shuffle, params.seed)
+    if len(spans) > 1:
+        print_mixture(spans, train)
+    return train, val
+
+
+def print_mixture(spans: list, train: np.ndarray) -> None:
+    """One line per source: its documents and how many training documents it gave."""
+    owner = np.repeat(np.arange(len(spans)), [s.records for s in spans])
+    in_train = np.bincount(owner[train], minlength=len(spans))
+    for i, span in enumerate(spans):
+        role = "validation" if span.validation else f"weight {span.weight:g}, {in_train[i]:,} in training"
+        print(f"tokenize: source {span.path}: {span.records:,} documents ({role})")
+
+
+def load_tokenizer(folder: Path, allow_tiktoken: bool = True) -> TokenizerInfo:
+    """Load `tokenizer.json` with the `tokenizers` library, find its EOS id and full vocabulary size, pick the encoder.
+
+    `allow_tiktoken`: use tiktoken when it gives the same ids (tokenize.encoder: auto).
+    """
     path = folder / "tokenizer.json"
     if not path.exists():
         raise UserError(f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
@@ -104,7 +142,7 @@ def load_tokenizer(folder: Path) -> TokenizerInfo:
     vocab = backend.get_vocab(with_added_tokens=True)
     vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
     fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()
-    return TokenizerInfo(backend, eos_id, vocab_size, fingerprint)
+    return TokenizerInfo(backend, eos_id, vocab_size, fingerprint, encoder_for(path, backend, eos, allow_tiktoken))
 
 
 def _eos_token(folder: Path) -> str:
@@ -122,21 +160,42 @@ def _eos_token(folder: Path) -> str:
 
 
 def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offset and byte length of every non-blank line of `path`, in one streaming pass."""
+    """Byte offset (int64) and byte length (int32) of every non-blank line of `path`.
+
+    Two streaming passes: one counts the lines, the other fills arrays of that size, so memory holds the two
+    numbers per line and no copy of them (a gigabyte of short documents is millions of lines).
+    """
     if not path.exists():
         raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
-    line_starts, newlines, size = [np.zeros(1, np.int64)], [], 0
+    with open(path, "rb") as f:
+        n_lines = sum(block.count(b"\n") for block in iter(lambda: f.read(_INDEX_BLOCK), b"")) + 1
+    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int32)
+    kept, line_start, size = 0, 0, 0
     with open(path, "rb") as f:
         while block := f.read(_INDEX_BLOCK):
-            at = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")).astype(np.int64) + size
-            newlines.append(at)
-            line_starts.append(at + 1)
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + size
+            line_starts = np.concatenate(([line_start], ends[:-1] + 1)) if len(ends) else ends
+            kept = _keep_lines(starts, lengths, kept, line_starts, ends)
+            line_start = int(ends[-1]) + 1 if len(ends) else line_start
             size += len(block)
-    starts = np.concatenate(line_starts)
-    ends = np.concatenate(newlines + [np.array([size], np.int64)])
-    lengths = ends - starts
-    keep = lengths > 0
-    return starts[keep], lengths[keep]
+    kept = _keep_lines(starts, lengths, kept, np.array([line_start]), np.array([size]))
+    return starts[:kept], lengths[:kept]
+
+
+def _keep_lines(starts: np.ndarray, lengths: np.ndarray, kept: int, line_starts: np.ndarray,
+                ends: np.ndarray) -> int:
+    """Append the non-empty lines [line_starts, ends) to the arrays after their first `kept`; return the new count."""
+    size = ends - line_starts
+    keep = size > 0
+    n = int(keep.sum())
+    starts[kept:kept + n] = line_starts[keep]
+    lengths[kept:kept + n] = size[keep]
+    return kept + n
+
+
+def _bytes_of(lengths: np.ndarray, order: np.ndarray) -> int:
+    """The bytes of the records `order` names, summed a million at a time (no array as long as `order`)."""
+    return sum(int(lengths[order[i:i + (1 << 20)]].sum(dtype=np.int64)) for i in range(0, len(order), 1 << 20))
 
 
 def split_documents(n_docs: int, val_ratio: float, shuffle: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,27 +211,41 @@ def split_documents(n_docs: int, val_ratio: float, shuffle: bool, seed: int) -> 
                             "least 2 (one for training, one for validation); add data or set val_ratio: 0")
         n_val = min(max(1, round(n_docs * val_ratio)), n_docs - 1)
     order = np.random.default_rng(seed).permutation(n_docs) if shuffle else np.arange(n_docs)
+    order = order.astype(np.int32) if n_docs < 1 << 31 else order  # half the memory for millions of documents
     return order[:n_docs - n_val], order[n_docs - n_val:]
 
 
 def read_documents(path: Path, starts: np.ndarray, lengths: np.ndarray, order: np.ndarray,
                    chunk_bytes: int) -> Iterator[tuple[list[Document], int]]:
     """Yield the documents `order` names, in that order, in chunks of about `chunk_bytes` of records."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        docs, nbytes = [], 0
+    # pread, not mmap: mapped pages of the file would count in the memory of the process, which is to stay flat
+    with open(path, "rb") as f:
+        lines, offsets, nbytes = [], [], 0
         for first in range(0, len(order), 4096):
             picked = order[first:first + 4096]
             for start, length in zip(starts[picked].tolist(), lengths[picked].tolist()):
-                docs.append(_parse_at(path, os.pread(fd, length, start), start))
+                lines.append(os.pread(f.fileno(), length, start))
+                offsets.append(start)
                 nbytes += length
                 if nbytes >= chunk_bytes:
-                    yield docs, nbytes
-                    docs, nbytes = [], 0
-        if docs:
-            yield docs, nbytes
-    finally:
-        os.close(fd)
+                    yield _parse_chunk(path, lines, offsets), nbytes
+                    lines, offsets, nbytes = [], [], 0
+        if lines:
+            yield _parse_chunk(path, lines, offsets), nbytes
+
+
+def _parse_chunk(path: Path, lines: list[bytes], offsets: list[int]) -> list[Document]:
+    """The chunk's lines as Documents: parsed as one JSON array (one call costs far less than one per line)."""
+    try:
+        parsed = json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:
+        parsed = []
+    if len(parsed) != len(lines):  # a bad line: parse them one by one to name it
+        return [_parse_at(path, line, offset) for line, offset in zip(lines, offsets)]
+    try:
+        return [as_document(record) for record in parsed]
+    except ValueError:
+        return [_parse_at(path, line, offset) for line, offset in zip(lines, offsets)]
 
 
 def prefetched(items: Iterator) -> Iterator:
@@ -207,21 +280,16 @@ def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
     """Token ids (each document followed by EOS), loss mask, and tokens per document for a chunk of documents."""
     texts = [doc.text for doc in docs]
     partial = [] if train_on_prompt else [i for i, doc in enumerate(docs) if not doc.all_response()]
-    mixed = any(docs[i].response_spans for i in partial)
-    # Offsets cost time and memory; only a document mixing prompt and response text needs them.
-    encode = tok.backend.encode_batch if mixed else tok.backend.encode_batch_fast
-    encodings = encode(texts, add_special_tokens=False)
-    id_lists = [enc.ids for enc in encodings]
-    doc_lengths = np.fromiter((len(ids) + 1 for ids in id_lists), np.int64, count=len(id_lists))
+    encoded = tok.encoder.encode(texts, tok.eos_id, [i for i in partial if docs[i].response_spans])
+    doc_lengths = encoded.lengths
     total = int(doc_lengths.sum())
-    ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(id_lists, repeat((tok.eos_id,))))),
-                      id_dtype(dtype), count=total)
+    ids = encoded.ids.astype(id_dtype(dtype))
     mask = np.ones(total, np.uint8)
     ends = np.cumsum(doc_lengths)
     for i in partial:
         doc, start, end = docs[i], int(ends[i] - doc_lengths[i]), int(ends[i])
         if doc.response_spans:  # EOS stays 1: ending the answer is part of the answer
-            mask[start:end - 1] = response_token_mask(encodings[i].offsets, doc.response_spans, len(doc.text))
+            mask[start:end - 1] = response_token_mask(encoded.offsets[i], doc.response_spans, len(doc.text))
         else:
             mask[start:end] = 0
     return ids, mask, doc_lengths
@@ -234,7 +302,7 @@ def response_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, i
     answer with its first word: that token is the answer's first token. A zero-width token (some tokenizers give
     added prefixes no width) is judged by the character at its position.
     """
-    if not offsets:
+    if len(offsets) == 0:
         return np.zeros(0, np.uint8)
     is_response = np.zeros(n_chars + 1, np.int64)
     for start, end in spans:

@@ -9,27 +9,41 @@ from pathlib import Path
 from typing import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from stages.lib.errors import UserError, run_stage
 from stages.lib.files import replaced_folder
+from stages.lib.hf_tokenizer import KEY, load_tokenizer_folder
 from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TokenizerParams, load_params
+from stages.lib.mixture import read_spans
 from stages.lib.records import RECORDS_FILE, parse_record, templates_used
 
 EOS_TOKEN = "<|endoftext|>"
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# The same text the render stage writes for the chatml template, so generation sees what training saw.
+# The same text the render stage writes for the chatml template (stages/lib/templates.py, tool calls included), so
+# generation sees what training saw.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{%- set ns = namespace(messages=messages) %}"
+    "{%- if tools %}"
+    "{%- set block = '# Tools\\n<tools>\\n' ~ (tools | map('tojson') | join('\\n')) ~ '\\n</tools>' %}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set ns.messages = messages[1:] %}"
+    "{%- if messages[0]['content'] %}{%- set block = messages[0]['content'] ~ '\\n\\n' ~ block %}{%- endif %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>system\\n' ~ block ~ '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in ns.messages %}"
+    "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ (message['content'] or '') }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{- '\\n' if message['content'] or not loop.first else '' }}"
+    "{{- '<tool_call>\\n' ~ ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " ~ '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 BYTE_ALPHABET = 256  # a byte-level BPE starts from one token per byte
-# Files by which a folder is recognisably a HuggingFace tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
-                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")
-
 
 def main() -> None:
     """Entry point of `python -m stages.tokenizer`."""
@@ -44,7 +58,9 @@ def build_tokenizer(params: TokenizerParams, rendered_dir: Path, out_dir: Path) 
         tokenizer = load_huggingface_tokenizer(Path(params.tokenizer_path), params.trust_remote_code)
     else:
         chat = "chatml" in templates_used(rendered_dir, required=True)
-        tokenizer = train_bpe(rendered_dir / RECORDS_FILE, params.vocab_size, params.min_frequency, chat)
+        spans = read_spans(rendered_dir)
+        training = sum(s.records for s in spans if not s.validation) if any(s.validation for s in spans) else None
+        tokenizer = train_bpe(rendered_dir / RECORDS_FILE, params.vocab_size, params.min_frequency, chat, training)
     with replaced_folder(out_dir) as folder:
         tokenizer.save_pretrained(str(folder))
         if not (folder / "tokenizer.json").exists():
@@ -58,34 +74,23 @@ def build_tokenizer(params: TokenizerParams, rendered_dir: Path, out_dir: Path) 
 
 def load_huggingface_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder, refusing what the tokenize stage cannot use."""
-    key = "tokenizer.tokenizer_path"
-    if not path.exists():
-        raise UserError(f"{key} = '{path}' is not a folder. Hub ids need network: download the tokenizer files into a "
-                        f"folder first (e.g. `hf download <id> --local-dir <folder>` where there is network) and "
-                        f"set {key} to that folder")
-    if not path.is_dir():
-        raise UserError(f"{key} = '{path}' is a file; set it to the folder that holds it")
-    if not any((path / name).exists() for name in _TOKENIZER_FILES):
-        found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-        raise UserError(f"{key} = '{path}' holds no tokenizer files (expected tokenizer.json or "
-                        f"tokenizer_config.json; found {found})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                                  local_files_only=True)
-    except Exception as err:  # transformers raises many kinds; all mean the same to the user
-        raise UserError(f"{key} = '{path}': could not load the tokenizer: {err}") from None
+    tokenizer = load_tokenizer_folder(path, trust_remote_code)
     if not tokenizer.is_fast:
-        raise UserError(f"{key} = '{path}' is a slow (Python) {type(tokenizer).__name__} without tokenizer.json; "
+        raise UserError(f"{KEY} = '{path}' is a slow (Python) {type(tokenizer).__name__} without tokenizer.json; "
                         "the tokenize stage needs the fast `tokenizers` backend: add a tokenizer.json to the "
                         "folder, or use tokenizer_type: bpe")
     if tokenizer.eos_token is None:
-        raise UserError(f"{key} = '{path}': the tokenizer has no EOS token, which ends every document; add "
+        raise UserError(f"{KEY} = '{path}': the tokenizer has no EOS token, which ends every document; add "
                         "\"eos_token\" to its tokenizer_config.json")
     return tokenizer
 
 
-def train_bpe(records_path: Path, vocab_size: int, min_frequency: int, chat: bool) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on the records' text, streamed; ChatML tokens and template when `chat`."""
+def train_bpe(records_path: Path, vocab_size: int, min_frequency: int, chat: bool,
+              limit: int | None = None) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the records' text, streamed; ChatML tokens and template when `chat`.
+
+    `limit`: train on the first that many records only (the training sources, before the validation source).
+    """
     special = [EOS_TOKEN] + (CHATML_TOKENS if chat else [])
     if vocab_size < BYTE_ALPHABET + len(special):
         raise UserError(f"tokenizer.vocab_size = {vocab_size} is too small: a byte-level BPE needs "
@@ -102,7 +107,7 @@ def train_bpe(records_path: Path, vocab_size: int, min_frequency: int, chat: boo
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     documents = [0]
-    tokenizer.train_from_iterator(_training_texts(records_path, special, documents), trainer)
+    tokenizer.train_from_iterator(_training_texts(records_path, special, documents, limit), trainer)
     if documents[0] == 0:
         raise UserError(f"{records_path} holds no records to train a tokenizer on; check render.data_path")
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
@@ -111,7 +116,8 @@ def train_bpe(records_path: Path, vocab_size: int, min_frequency: int, chat: boo
     return fast
 
 
-def _training_texts(records_path: Path, special: list[str], documents: list[int]) -> Iterator[list[str]]:
+def _training_texts(records_path: Path, special: list[str], documents: list[int],
+                    limit: int | None) -> Iterator[list[str]]:
     """Batches of document text with special tokens cut out (encoding splits them off the same way)."""
     cut = re.compile("|".join(re.escape(token) for token in special))
     batch = []
@@ -119,6 +125,8 @@ def _training_texts(records_path: Path, special: list[str], documents: list[int]
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if documents[0] == limit:
+                break
             try:
                 text = parse_record(line).text
             except ValueError as err:

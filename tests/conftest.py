@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from stages.lib.records import record_line
 from stages.lib.token_files import SplitWriter, new_meta, write_meta
-from stages.render import Stats
+from stages.lib.render_stats import Stats
 
 WORD_SPECIALS = ("<eos>", "<pad>")
 

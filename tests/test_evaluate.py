@@ -182,3 +182,25 @@ def test_missing_export_says_to_run_the_train_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"models/never-trained not found: run the train stage first"):
         evaluate.main()
+
+
+def test_bundled_held_out_prompts_for_a_model_of_other_data_are_warned_about(tmp_path, monkeypatch):
+    from stages.lib.params import RenderParams, SourceParams
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "eval").mkdir(parents=True)
+    sample_like = json.dumps({"instruction": "What is 2 + 3?", "input": "", "output": "5", "task": "add"}) + "\n"
+    (tmp_path / "data" / "eval" / "heldout.jsonl").write_text(sample_like)
+    path = "data/eval/heldout.jsonl"
+    assert evaluate.heldout_warnings(path, RenderParams()) == []  # the sample's prompts for the sample's model
+    [warning] = evaluate.heldout_warnings(path, RenderParams(data_path="data/raw"))
+    assert "bundled sample's held-out prompts" in warning and "'data/raw'" in warning and 'set it to ""' in warning
+    mixed = RenderParams(data_path="data", sources=[SourceParams(path="data/sample"), SourceParams(path="data/x")])
+    assert evaluate.heldout_warnings(path, mixed) == []
+    own = json.dumps({"instruction": "Summarise.", "input": "text", "output": "short"}) + "\n"
+    (tmp_path / "data" / "eval" / "heldout.jsonl").write_text(own)
+    assert evaluate.heldout_warnings(path, RenderParams(data_path="data/raw")) == []
+    (tmp_path / "mine.jsonl").write_text(own)
+    [warning] = evaluate.heldout_warnings("mine.jsonl", RenderParams(data_path="data/raw"))
+    assert "outside data/eval/, the folder dvc.yaml tracks" in warning
+    assert evaluate.heldout_warnings("", RenderParams(data_path="data/raw")) == []

@@ -89,3 +89,34 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_render_mixture_fields_and_roles():
+    params = parse_params({"render": {"data_path": "data/raw", "validation_path": "data/raw/val.jsonl",
+                                      "sources": [{"path": "data/raw/a.parquet", "weight": 2.5},
+                                                  {"path": "data/raw/b", "fields": {"output": "answer"}}],
+                                      "fields": {"messages": "dialog"}, "roles": {"Narrator": "system"}}})
+    render = params.render
+    assert [(s.path, s.weight) for s in render.sources] == [("data/raw/a.parquet", 2.5), ("data/raw/b", 1.0)]
+    assert render.sources[1].fields.output == "answer" and render.fields.messages == "dialog"
+    assert render.roles == {"Narrator": "system"}
+
+
+@pytest.mark.parametrize("render, message", [
+    ({"sources": [{"path": "a", "wieght": 2}]},
+     r"unknown key 'render\.sources\[0\]\.wieght'.*'render\.sources\[0\]\.weight'"),
+    ({"sources": [{"path": "a", "weight": 0}]}, r"render\.sources\[0\]\.weight = 0\.0 is not allowed; expected > 0"),
+    ({"sources": "data/raw"}, r"render\.sources = 'data/raw' is not allowed; expected a list"),
+    ({"roles": {"bot": "robot"}}, r"render\.roles\.bot = 'robot' is not allowed; expected one of 'system'"),
+    ({"roles": ["bot"]}, r"render\.roles = \['bot'\] is not allowed; expected a mapping"),
+    ({"fields": {"answer": "output"}}, r"unknown key 'render\.fields\.answer'; valid keys: text, instruction"),
+    ({"workers": 0}, r"render\.workers = 0 is not allowed; expected 'auto' or a whole number >= 1"),
+])
+def test_render_mixture_mistakes_name_the_key(render, message):
+    with pytest.raises(ParamError, match=message):
+        parse_params({"render": render})
+
+
+def test_a_source_needs_a_path(tmp_path):
+    with pytest.raises(ParamError, match=r"render\.sources\[0\] has no path"):
+        load_params(write_params(tmp_path, {"render": {"sources": [{"weight": 2}]}}))

@@ -245,9 +245,9 @@ def test_bad_instruction_record_is_skipped_and_counted(bad_line, problem):
 
 def test_unknown_role_is_an_error_and_skippable():
     write("raw/c.jsonl", jsonl({"messages": CHAT},
-                               {"messages": [{"role": "tool", "content": "x"}]},
-                               {"conversations": [{"from": "bot", "value": "x"}]}))
-    with pytest.raises(UserError, match=r"raw/c\.jsonl:2: messages\[0\] has unknown role 'tool'"):
+                               {"messages": [{"role": "narrator", "content": "x"}]},
+                               {"conversations": [{"from": "moderator", "value": "x"}]}))
+    with pytest.raises(UserError, match=r"raw/c\.jsonl:2: messages\[0\] has unknown role 'narrator'.*render\.roles"):
         run("raw/c.jsonl")
     records, stats = run("raw/c.jsonl", on_error="skip")
     assert len(records) == 1
@@ -261,24 +261,29 @@ def test_non_utf8_jsonl_line_is_named():
         run("raw/i.jsonl")
 
 
-def test_json_array_errors_name_the_element_or_the_line():
-    write("raw/a.json", json.dumps([{"instruction": "Say hi.", "output": "hi"}, {"instruction": "x"}]))
-    with pytest.raises(UserError, match=r"raw/a\.json\[1\] \(element 1 of the JSON array.*missing field 'output'"):
+def test_json_array_errors_name_the_element_and_the_line_it_starts_on():
+    write("raw/a.json", json.dumps([{"instruction": "Say hi.", "output": "hi"}, {"instruction": "x"}], indent=1))
+    with pytest.raises(UserError, match=r"raw/a\.json\[1\] \(element 1 of the JSON array, counting from 0, starting "
+                                        r"at line 6\).*missing field 'output'"):
         run("raw/a.json")
     records, stats = run("raw/a.json", on_error="skip")
-    assert len(records) == 1 and stats["skipped"][0] == {"file": "raw/a.json", "record": 1,
-                                                          "problem": stats["skipped"][0]["problem"]}
+    assert len(records) == 1
+    problem = stats["skipped"][0]["problem"]
+    assert stats["skipped"] == [{"file": "raw/a.json", "record": 1, "line": 6, "problem": problem}]
     write("raw/a.json", '[\n{"instruction": "Say hi.", "output": "hi"},\n{"instruction": oops}\n]')
-    with pytest.raises(UserError, match=r"raw/a\.json:3: the JSON array does not parse"):
+    with pytest.raises(UserError, match=r"raw/a\.json\[1\] .*starting at line 3\): the JSON array does not parse "
+                                        r"\(Expecting value, line 3\)"):
         run("raw/a.json")
 
 
-def test_a_broken_json_array_file_is_skipped_whole():
-    write("raw/a.json", '[{"instruction": "x", "output": "y"},')
+def test_a_broken_json_array_keeps_the_elements_before_the_break_and_counts_the_rest():
+    write("raw/a.json", '[{"instruction": "x", "output": "y"},\n {"instruction": "z", "output": ')
     write("raw/b.jsonl", jsonl({"instruction": "Say hi.", "output": "hi"}))
     records, stats = run("raw", on_error="skip")
-    assert [r["source"] for r in records] == ["raw/b.jsonl:1"]
-    assert stats["records_skipped"] == 1 and stats["skipped"][0]["file"] == "raw/a.json"
+    assert [r["source"] for r in records] == ["raw/a.json[0]", "raw/b.jsonl:1"]
+    assert stats["records_skipped"] == 1
+    assert stats["skipped"][0]["file"] == "raw/a.json" and stats["skipped"][0]["line"] == 2
+    assert "cannot be read until it is fixed" in stats["skipped"][0]["problem"]
 
 
 def test_lone_surrogate_is_a_bad_record():
@@ -331,7 +336,7 @@ def test_glob_and_forced_format():
 
 
 @pytest.mark.parametrize("data_path, message", [("nowhere", "does not exist"), ("raw/*.csv", "matches no file"),
-                                                ("empty", "no .txt, .json or .jsonl file")])
+                                                ("empty", "a folder with no data file in it")])
 def test_data_path_that_names_no_data_is_a_clear_error(data_path, message):
     Path("empty").mkdir()
     with pytest.raises(UserError, match=message):

@@ -341,3 +341,15 @@ def test_stage_entry_point_reads_params_and_reports(corpus, tmp_path):
     done = subprocess.run([sys.executable, "-m", "stages.tokenize"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+def test_index_records_finds_every_non_blank_line_across_read_blocks(tmp_path, monkeypatch):
+    import stages.tokenize as stage
+
+    content = b"abc\n\nde\nfghijklmnop\nq\n\n\nrs"
+    (tmp_path / "r.jsonl").write_bytes(content)
+    expected = [(0, 3), (5, 2), (8, 11), (20, 1), (24, 2)]
+    for block in (7, 1 << 20):
+        monkeypatch.setattr(stage, "_INDEX_BLOCK", block)
+        starts, lengths = stage.index_records(tmp_path / "r.jsonl")
+        assert list(zip(starts.tolist(), lengths.tolist())) == expected

@@ -1,5 +1,6 @@
 """The tokenizer stage: a local HuggingFace folder, or a byte-level BPE trained on the rendered records."""
 
+import json
 import os
 import subprocess
 import sys
@@ -144,3 +145,50 @@ def test_stage_entry_point_reads_params(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 1 and "tokenizer.vocab_size = 100 is too small" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def old_form_merges(folder: Path) -> Path:
+    """A tokenizer folder whose tokenizer.json writes one merge as a single string of three parts."""
+    tiny_hf_folder(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    merges = data["model"]["merges"]
+    merges[5] = " ".join(merges[5]) + " x" if isinstance(merges[5], list) else merges[5] + " x"
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_a_tokenizer_json_that_cannot_be_read_gets_a_message_saying_what_and_how_to_fix(tmp_path):
+    folder = old_form_merges(tmp_path / "old")
+    with pytest.raises(UserError) as caught:
+        build_tokenizer(hf(folder), tmp_path, tmp_path / "out")
+    message = str(caught.value)
+    assert f"{folder / 'tokenizer.json'} cannot be read by the installed tokenizers" in message
+    assert "merges are in an old form: merge 5 is" in message and "splits into 3 parts" in message
+    assert "re-save the tokenizer with a current transformers" in message and "Traceback" not in message
+    assert "PyMerges" not in message
+    (folder / "tokenizer.model").write_bytes(b"sentencepiece model")
+    with pytest.raises(UserError, match=r"remove or rename tokenizer\.json so that the model's other tokenizer "
+                                        r"files \(tokenizer\.model\) are used"):
+        build_tokenizer(hf(folder), tmp_path, tmp_path / "out")
+    (folder / "tokenizer.json").write_text('{"model": {"merges": [')
+    with pytest.raises(UserError, match=r"tokenizer\.json cannot be read.*not valid JSON.*damaged or cut off"):
+        build_tokenizer(hf(folder), tmp_path, tmp_path / "out")
+
+
+def test_the_render_stage_gives_the_same_message_for_a_chat_template(tmp_path, monkeypatch):
+    from stages.lib.params import parse_params
+    from stages.render import render
+
+    folder = old_form_merges(tmp_path / "old")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    params = parse_params({"render": {"data_path": str(tmp_path / "c.jsonl")},
+                           "tokenizer": {"tokenizer_type": "huggingface", "tokenizer_path": str(folder)}})
+    with pytest.raises(UserError, match=r"tokenizer\.json cannot be read by the installed tokenizers.*old form"):
+        render(params, tmp_path / "rendered")
+
+
+def test_git_lfs_pointers_are_named(tmp_path):
+    folder = tiny_hf_folder(tmp_path / "lfs")
+    (folder / "tokenizer.json").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 9\n")
+    with pytest.raises(UserError, match=r"tokenizer\.json hold Git LFS pointers.*git lfs pull"):
+        build_tokenizer(hf(folder), tmp_path, tmp_path / "out")

@@ -43,14 +43,51 @@ def _positive() -> dict:
 
 
 @dataclass
+class FieldNames:
+    """The names a data file uses for our fields; empty: our own name (and, for chat, the usual alternatives)."""
+
+    text: str = ""  # plain text records (default `text`)
+    instruction: str = ""  # instruction data (defaults `instruction`, `input`, `output`)
+    input: str = ""
+    output: str = ""
+    messages: str = ""  # chat data (defaults `messages`, then ShareGPT's `conversations`)
+    role: str = ""  # in each message (defaults `role`, then ShareGPT's `from`)
+    content: str = ""  # in each message (defaults `content`, then ShareGPT's `value`)
+    tools: str = ""  # the tool definitions of a tool-calling conversation (default `tools`)
+
+
+ROLE_NAMES = ("system", "user", "assistant", "tool", "tool_call")  # what a file's roles can be mapped to
+
+
+@dataclass
+class SourceParams:
+    """One source of a mixture: a file, folder or glob inside render.data_path, and how often it is used."""
+
+    path: str = ""
+    # Times each document appears per epoch; a fraction takes a seeded subset (0.5: half of them, 2.5: all twice
+    # and half a third time).
+    weight: float = _param(1.0, **_positive())
+    format: Literal["", "auto", "text", "instruction", "chat"] = ""  # "": render.format
+    fields: FieldNames = field(default_factory=FieldNames)  # names set here replace render.fields' for this source
+
+
+@dataclass
 class RenderParams:
     """raw data -> rendered records (text with templates, prompt/response parts kept apart)."""
 
-    data_path: str = "data/sample"  # a file, a folder or a glob
+    data_path: str = "data/sample"  # a file, a folder or a glob; with `sources`, the folder holding them all
+    sources: list[SourceParams] = field(default_factory=list)  # a weighted mixture; empty: data_path alone
+    validation_path: str = ""  # documents for the validation split instead of tokenize.val_ratio
     format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    fields: FieldNames = field(default_factory=FieldNames)
+    roles: dict[str, Literal[ROLE_NAMES]] = field(default_factory=dict)  # a file's role -> ours, beyond the known
     template: Literal["auto", "alpaca", "chatml", "tokenizer"] = "auto"
     text_split: Literal["paragraph", "line", "file"] = "paragraph"
+    empty_answers: Literal["keep", "skip"] = "keep"
+    long_record_chars: int = _param(50_000, "0 (off) or >= 1", lambda v: v >= 0)
     on_error: Literal["stop", "skip"] = "stop"
+    workers: int | str = _param("auto", "'auto' or a whole number >= 1",
+                                lambda v: v == "auto" or (type(v) is int and v >= 1))
 
 
 @dataclass
@@ -75,6 +112,8 @@ class TokenizeParams:
     emit_jsonl: bool = False
     train_on_prompt: bool = False
     chunk_mb: float = _param(4.0, **_positive())  # text encoded per batch; bounds peak memory
+    # auto: tiktoken for a byte-level BPE it encodes exactly (the same ids, faster); tokenizers: always the library
+    encoder: Literal["auto", "tokenizers"] = "auto"
 
 
 @dataclass
@@ -202,11 +241,34 @@ def _coerce(kind: Any, value: Any, f: dataclasses.Field, key: str, source: str) 
     """Check one value against its declared type and range; return it in that type."""
     if dataclasses.is_dataclass(kind):
         return _build(kind, value if value is not None else {}, f"{key}.", source)
+    value = _typed(kind, value, key, source)
+    check = f.metadata.get("check")
+    if check is not None and not check(value):
+        raise _not_allowed(key, value, f.metadata["allowed"], source)
+    return value
 
+
+def _typed(kind: Any, value: Any, key: str, source: str) -> Any:
+    """`value` checked against the type `kind` (lists and mappings item by item)."""
     def bad(allowed: str) -> ParamError:
-        return ParamError(f"{source}: {key} = {value!r} is not allowed; expected {allowed}")
+        return _not_allowed(key, value, allowed, source)
 
-    if typing.get_origin(kind) is Literal:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        value = [] if value is None else value
+        if not isinstance(value, list):
+            raise bad("a list")
+        (item,) = typing.get_args(kind)
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}[{i}].", source) for i, v in enumerate(value)]
+        return [_typed(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        value = {} if value is None else value
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of names to values")
+        _, item = typing.get_args(kind)
+        return {k: _typed(item, v, f"{key}.{k}", source) for k, v in value.items()}
+    if origin is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
             raise bad("one of " + ", ".join(repr(c) for c in choices))
@@ -225,10 +287,11 @@ def _coerce(kind: Any, value: Any, f: dataclasses.Field, key: str, source: str) 
             value = ""
         if not isinstance(value, str):
             raise bad("a string")
-    check = f.metadata.get("check")
-    if check is not None and not check(value):
-        raise bad(f.metadata["allowed"])
     return value
+
+
+def _not_allowed(key: str, value: Any, allowed: str, source: str) -> ParamError:
+    return ParamError(f"{source}: {key} = {value!r} is not allowed; expected {allowed}")
 
 
 def _as_float(value: Any) -> float | None:
@@ -248,6 +311,10 @@ def _as_float(value: Any) -> float | None:
 def _check_across_sections(params: Params, source: str) -> None:
     """Rules that involve more than one key."""
     tok, train = params.tokenizer, params.train
+    for i, src in enumerate(params.render.sources):
+        if not src.path:
+            raise ParamError(f"{source}: render.sources[{i}] has no path; each source needs `path:` (a file, folder "
+                             "or glob inside render.data_path) and optionally `weight:`")
     if tok.tokenizer_type == "huggingface" and not tok.tokenizer_path:
         raise ParamError(f"{source}: tokenizer.tokenizer_type is 'huggingface' but tokenizer.tokenizer_path is empty; "
                          "set it to a folder holding tokenizer.json (or use tokenizer_type: bpe)")

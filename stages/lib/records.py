@@ -44,6 +44,11 @@ def parse_record(line: bytes | str) -> Document:
         record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
     except ValueError as err:
         raise ValueError(f"not valid JSON ({err})") from None
+    return as_document(record)
+
+
+def as_document(record: object) -> Document:
+    """A parsed line of records.jsonl as a Document; ValueError says what is wrong with it."""
     segments = record.get("segments") if isinstance(record, dict) else None
     if not isinstance(segments, list):
         raise ValueError("expected a JSON object with a \"segments\" list")

@@ -23,16 +23,25 @@ Alpaca (instruction data): the standard Stanford Alpaca prompt. With an input:
 and without one (empty, whitespace only or missing) the shorter form without the `### Input:` block. Everything up
 to and including "### Response:\\n" is prompt; the output is the response.
 
-ChatML (chat data): each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. In an assistant turn the
-header `<|im_start|>assistant\\n` is prompt, `{content}<|im_end|>` is the response (so the model learns to close
-its turn), and the final "\\n" is prompt again.
+ChatML (chat data): each message is `<|im_start|>{role}\n{content}<|im_end|>\n`. In an assistant turn the
+header `<|im_start|>assistant\n` is prompt, `{content}<|im_end|>` is the response (so the model learns to close
+its turn), and the final "\n" is prompt again. Tool calling, in the Hermes style most open models use:
+- the conversation's tool definitions join the system message (one is added first when there is none) as
+  `# Tools\n<tools>\n{one JSON definition per line}\n</tools>`, after the system text and a blank line;
+- an assistant turn's tool calls follow its text (after a newline when there is text), each as
+  `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`, calls separated by a newline; they are response;
+- a tool result is a turn of role `tool`: `<|im_start|>tool\n{content}<|im_end|>\n`, prompt like any other.
+JSON is written with `json.dumps(value, ensure_ascii=False)`, as the chat template's `tojson` filter writes it.
 
 Tokenizer (chat data): the chat template shipped with a HuggingFace tokenizer. Its response spans are found by
 rendering prefixes of the conversation: messages[:i] with add_generation_prompt=True is the prompt up to
 assistant turn i, and rendering messages[:i+1] extends that text by exactly the response. A template for which
-this does not hold (it rewrites earlier turns depending on what follows) is refused: use ChatML instead.
+this does not hold (it rewrites earlier turns depending on what follows) is refused: use ChatML instead. Tool
+definitions go to the template as `tools=` when its text mentions `tools`; a conversation with tool calls needs a
+template that mentions `tool_calls`.
 """
 
+import json
 from typing import Any
 
 from stages.lib.errors import UserError
@@ -54,7 +63,7 @@ CHATML_END = "<|im_end|>"
 END_OF_TURN_TOKENS = (CHATML_END, "<|end|>", "<|eot_id|>", "<end_of_turn>")
 CHATML_SPECIAL_TOKENS = [CHATML_START, CHATML_END]
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 CHAT_TEMPLATES = ("chatml", "tokenizer")
 
 
@@ -80,22 +89,38 @@ def instruction_as_chat(instruction: str, input: str, output: str) -> list[dict]
     return [{"role": "user", "content": question}, {"role": "assistant", "content": output}]
 
 
-def render_chat(messages: list[dict], template: str, tokenizer: Any = None) -> list[dict]:
-    """Segments for a conversation (`[{role, content}]`) with template "chatml" or "tokenizer"."""
+def render_chat(messages: list[dict], template: str, tokenizer: Any = None, tools: list | None = None) -> list[dict]:
+    """Segments for a conversation (`[{role, content}]`, tool calls allowed) with template "chatml" or "tokenizer"."""
     if template == "chatml":
-        return _chatml_segments(messages)
+        return _chatml_segments(with_tools(messages, tools))
     if template == "tokenizer":
-        return _tokenizer_segments(messages, _require_chat_template(tokenizer))
+        return _tokenizer_segments(messages, _require_chat_template(tokenizer), tools)
     raise ValueError(f"unknown chat template {template!r}; expected one of {CHAT_TEMPLATES}")
 
 
-def chat_prompt(messages: list[dict], template: str, tokenizer: Any = None) -> str:
+def chat_prompt(messages: list[dict], template: str, tokenizer: Any = None, tools: list | None = None) -> str:
     """The prompt text that asks the model for the next assistant turn after `messages`."""
     if template == "chatml":
-        return "".join(_chatml_message(m) for m in messages) + f"{CHATML_START}assistant\n"
+        return "".join(_chatml_message(m) for m in with_tools(messages, tools)) + f"{CHATML_START}assistant\n"
     if template == "tokenizer":
-        return _apply(_require_chat_template(tokenizer), messages, generation_prompt=True)
+        return _apply(_require_chat_template(tokenizer), messages, generation_prompt=True, tools=tools)
     raise ValueError(f"unknown chat template {template!r}; expected one of {CHAT_TEMPLATES}")
+
+
+def accepts(tokenizer: Any, what: str) -> bool:
+    """Whether a tokenizer's chat template can render `what` ('tools' or 'tool_calls'): its text mentions it."""
+    return what in str(getattr(tokenizer, "chat_template", None) or "")
+
+
+def with_tools(messages: list[dict], tools: list | None) -> list[dict]:
+    """The conversation with its tool definitions written into the system message, as ChatML renders them."""
+    if not tools:
+        return messages
+    block = "# Tools\n<tools>\n" + "\n".join(_json(tool) for tool in tools) + "\n</tools>"
+    if messages and messages[0]["role"] == "system":
+        text = messages[0]["content"]
+        return [{**messages[0], "content": f"{text}\n\n{block}" if text else block}, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -109,22 +134,33 @@ def segment(text: str, response: bool) -> dict:
 
 
 def _chatml_message(message: dict) -> str:
-    return f"{CHATML_START}{message['role']}\n{message['content']}{CHATML_END}\n"
+    return f"{CHATML_START}{message['role']}\n{_chatml_content(message)}{CHATML_END}\n"
+
+
+def _chatml_content(message: dict) -> str:
+    """A message's text, followed by its tool calls."""
+    calls = [f"<tool_call>\n{_json({'name': c['function']['name'], 'arguments': c['function']['arguments']})}"
+             "\n</tool_call>" for c in message.get("tool_calls") or ()]
+    return "\n".join(([message["content"]] if message["content"] else []) + calls)
 
 
 def _chatml_segments(messages: list[dict]) -> list[dict]:
     parts = []
     for message in messages:
         if message["role"] == "assistant":
-            parts += [(f"{CHATML_START}assistant\n", False), (f"{message['content']}{CHATML_END}", True),
+            parts += [(f"{CHATML_START}assistant\n", False), (f"{_chatml_content(message)}{CHATML_END}", True),
                       ("\n", False)]
         else:
             parts.append((_chatml_message(message), False))
     return _join(parts)
 
 
-def _tokenizer_segments(messages: list[dict], tokenizer: Any) -> list[dict]:
-    full = _apply(tokenizer, messages, generation_prompt=False)
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _tokenizer_segments(messages: list[dict], tokenizer: Any, tools: list | None = None) -> list[dict]:
+    full = _apply(tokenizer, messages, generation_prompt=False, tools=tools)
     eos = getattr(tokenizer, "eos_token", None) or ""
     parts, done = [], 0
     for i, message in enumerate(messages):
@@ -133,8 +169,8 @@ def _tokenizer_segments(messages: list[dict], tokenizer: Any) -> list[dict]:
         if i == 0:
             raise UserError("the conversation starts with an assistant turn; the tokenizer's chat template needs "
                             "a system or user message before it")
-        prompt = _apply(tokenizer, messages[:i], generation_prompt=True)
-        through = _apply(tokenizer, messages[: i + 1], generation_prompt=False)
+        prompt = _apply(tokenizer, messages[:i], generation_prompt=True, tools=tools)
+        through = _apply(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools)
         if not (full.startswith(prompt) and through.startswith(prompt) and len(prompt) >= done):
             raise _unstable(i, "the prompt before it is not how the whole conversation begins")
         end = len(through)
@@ -174,9 +210,10 @@ def _join(parts: list[tuple[str, bool]]) -> list[dict]:
     return segments
 
 
-def _apply(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+def _apply(tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: list | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     except Exception as err:  # jinja raise_exception() and friends: the template refuses this conversation
         raise UserError(f"the tokenizer's chat template rejected the conversation: {err}") from None
 
