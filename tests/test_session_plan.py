@@ -11,7 +11,7 @@ TIMES = [9.0, 2.0, 2.0, 3.0, 2.0]  # the first step carries the warm-up
 
 def plan(end=100, total=1000, deadline=math.inf, reserve=0.0, start=0):
     return plan_session(step=start + 5, start=start, end=end, total=total, step_times=TIMES, now=0.0,
-                        deadline=deadline, reserve=reserve, weight_bytes=4_000_000, trained_parameters=1_000_000)
+                        deadline=deadline, reserve=reserve, checkpoint_bytes=12_000_000, export_bytes=4_000_000)
 
 
 def test_steps_today_ends_the_session_and_the_rest_of_the_budget_needs_sessions_of_its_length():

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from stages.lib.checkpoint import Checkpoint, Unreadable, capture, copy_tree, read_state, write
+from stages.lib.checkpoint import Checkpoint, Unreadable, capture, read_state, write
 from stages.lib.files import exclusive_lock, fresh_folder, publish_folder, write_atomically
 
 if TYPE_CHECKING:
@@ -159,6 +159,11 @@ def prune(folder: Path, keep: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def folder_bytes(folder: Path) -> int:
+    """What the files of a checkpoint folder take (what a session adds to DVC's cache for it)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def note_recorded(recovery_dir: Path, state: dict) -> None:
     """After a session that ended normally: under DVC, note that DVC records its last checkpoint (see above)."""
     if os.environ.get("DVC_STAGE"):  # set by DVC for the commands of its stages
@@ -185,3 +190,15 @@ def session_lock(recovery_dir: Path) -> Iterator[None]:
 
 def _before_publish(tmp: Path) -> None:
     """Called with the written, not yet renamed folder; tests replace it to kill a process mid-save."""
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    """Copy a checkpoint folder, hardlinking its files where the filesystem allows (no extra space)."""
+    shutil.copytree(source, target, copy_function=_link_or_copy)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        Path(target).hardlink_to(source)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, target)

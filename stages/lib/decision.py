@@ -1,15 +1,16 @@
 """What a training session will do, decided once before it starts: pure functions, no I/O.
 
 A run is defined by its fingerprint: the sha256 of the settings that define it (model, tokenizer and training data,
-seq_len, global batch, optimiser and schedule settings, seed, budget). From params.yaml, the token files' meta, the
-tokenizer and the checkpoints found, `decide` makes one immutable Decision: the run's plan, the checkpoint to resume
-(or none, and why), the grad_accum for this number of processes, and the messages to print. Rank 0 makes it, every
-process receives the same Decision (as JSON), and the session runs it without deciding anything again.
+seq_len, global batch, optimiser and schedule settings, seed, budget; a LoRA's rank, alpha, dropout and targets).
+From params.yaml, the token files' meta, the tokenizer and the checkpoints found, `decide` makes one immutable
+Decision: the run's plan, the checkpoint to resume (or none, and why), the grad_accum for this number of processes,
+and the messages to print. Rank 0 makes it, every process receives the same Decision (as JSON), and the session runs
+it without deciding anything again.
 
 Resume (`train.resume`): `auto` resumes a matching checkpoint and otherwise starts a new run, naming the settings
 that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a session can
 change between sessions: steps_today, minutes_today, save_every, eval_every, eval_batches, compile, device,
-precision, activation_checkpointing, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their
+precision, activation_checkpointing, export, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their
 product (the global batch) stays the same. Resuming on another number of processes with the same batch settings keeps the run's global batch
 by changing grad_accum for the session (or says which batch_size and grad_accum would).
 """
@@ -117,11 +118,14 @@ def run_plan(train: TrainParams, inputs: Inputs, world_size: int) -> RunPlan:
 def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_model: str | None) -> dict:
     """The settings that define a run: a checkpoint resumes only when all of them are unchanged.
 
-    A pretrained model (train.init_from) counts by the content of its config and weight files, not by its path.
+    A pretrained model (train.init_from) counts by the content of its config and weight files, not by its path;
+    a LoRA by its settings (a full fine-tune has none, so its fingerprint is what it was before LoRA existed).
     """
     values = {f"model.{k}": v for k, v in asdict(train.model).items()} if not train.init_from else {}
     if train.init_from:
         values["base_model_sha256"] = base_model
+    if train.lora.r:
+        values.update({f"lora.{k}": v for k, v in asdict(train.lora).items()})
     values.update({
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],
