@@ -30,7 +30,7 @@ from stages.lib.model import has_plain_head, transformer_blocks
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # allocator fragmentation, cuBLAS workspaces, what the estimate leaves out
-LORA_RANK = 16  # the rank the advice plans a LoRA with
+LORA_RANK = 16  # the rank the advice plans a LoRA with (on `auto`'s targets, with train.lora's default dropout)
 LORA_PARAM = "train.lora.r"  # the params key that turns LoRA on
 PYTHON_ACTIVATIONS = {"gelu_new", "gelu_fast", "gelu_accurate"}  # formulas of several kernels: 4 tensors kept
 
@@ -275,8 +275,8 @@ def settings_that_fit(shape: ModelShape, setup: Setup, available: int) -> list[s
         if checkpointed:
             options.append(_batch_advice(checkpointed, "train.activation_checkpointing: true", shape, available))
     if setup.lora_r == 0:
-        lora = _largest_batch_that_fits(shape, replace(setup, lora_r=LORA_RANK, activation_checkpointing=True),
-                                        available, smaller_only=False)
+        lora = _largest_batch_that_fits(shape, replace(setup, lora_r=LORA_RANK, lora_dropout=True,
+                                                       activation_checkpointing=True), available, smaller_only=False)
         if lora:
             options.append(_batch_advice(lora, f"LoRA of rank {LORA_RANK} on the frozen base ({LORA_PARAM}: "
                                                f"{LORA_RANK}) with train.activation_checkpointing: true", shape,
