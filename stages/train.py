@@ -38,7 +38,7 @@ from stages.lib.batches import TrainBatches, split_windows
 from stages.lib.decision import Decision, Inputs, decide
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError, run_stage
-from stages.lib.export import export_model
+from stages.lib.export import export_model, holds
 from stages.lib.hashing import model_digest
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.live_logs import has_logs
@@ -264,8 +264,9 @@ def _budget_spent(train: TrainParams, decision: Decision, tokenizer_dir: Path, e
     step = decision.start_step
     print(f"the run's budget of {decision.plan.total_steps} steps is spent (checkpoint at step {step}): nothing "
           "to train. To train further, raise train.total_step_budget (or epochs), which starts a new run.")
-    if not any((export_dir / name).exists() for name in ("config.json", "adapter_config.json")):
-        # DVC deletes a non-persistent output before running the stage: rebuild it, same bytes as before.
+    if not holds(export_dir, train.export):
+        # DVC deletes a non-persistent output before running the stage, and train.export may have changed: rebuild
+        # it from the checkpoint, the same bytes as at the end of the session that saved it.
         _export(_saved_model(train, decision, decision.resume.path), train, tokenizer_dir, export_dir,
                 trust_remote_code)
         print(f"re-exported the model at step {step} to {export_dir}/")

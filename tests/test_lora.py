@@ -12,9 +12,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from stages.lib import lora
 from stages.lib.decision import changed_settings, fingerprint_values
 from stages.lib.errors import UserError
 from stages.lib.inference import load_model
+from stages.lib.model import pretrained_model
 from stages.lib.params import ParamError, load_params
 from test_families import SMALL, base_model
 from train_helpers import VOCAB, make_workspace, read_tsv, run_stage, session, tiny_params, tree_bytes
@@ -113,6 +115,11 @@ def test_an_adapter_export_loads_for_evaluation_on_its_base_and_is_rebuilt_from_
     shutil.rmtree(export)  # as DVC does with a non-persistent output before a run
     assert session(root, **run).stopped_by == "nothing-to-do"
     assert tree_bytes(export) == exported  # rebuilt from the checkpoint's adapters, the same bytes
+    # train.export shapes a session, not the run: once the budget is spent, merged rebuilds the export merged.
+    assert session(root, **{**run, "export": "merged"}).stopped_by == "nothing-to-do"
+    assert not (export / "adapter_config.json").exists()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(export), tokens), logits(on_base, tokens),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_a_merged_export_continues_as_the_base_of_a_new_run(tmp_path, capsys):
@@ -207,3 +214,19 @@ def test_two_processes_with_ddp_then_fsdp_train_the_adapters_as_one_process_does
     tokens = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     exports = [AutoModelForCausalLM.from_pretrained(root / "models" / "tiny") for root in (one, two)]
     torch.testing.assert_close(logits(exports[1], tokens), logits(exports[0], tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_the_base_is_held_in_the_compute_dtype_and_the_adapters_and_their_optimizer_state_in_fp32(tmp_path):
+    base_model("llama", tmp_path / "base")
+    run = tiny_params(**lora_run(tmp_path / "base"))
+    assert lora.base_dtype(run, torch.bfloat16) == torch.bfloat16 and lora.base_dtype(run, None) == torch.float32
+    assert lora.base_dtype(tiny_params(), torch.bfloat16) == torch.float32  # weights that train: fp32 masters
+    model = lora.add_adapters(pretrained_model(run.init_from, VOCAB, 16, 0, dtype=torch.bfloat16), run.lora)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+    root = make_workspace(tmp_path / "w")
+    session(root, **lora_run(tmp_path / "base"), precision="bf16", steps_today=2)  # autocast on a bf16 base
+    folder = root / "checkpoints" / "step-00000002"
+    assert {t.dtype for t in load_file(folder / "adapters.safetensors").values()} == {torch.float32}
+    assert {t.dtype for t in load_file(folder / "optimizer.safetensors").values()} == {torch.float32}

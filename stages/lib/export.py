@@ -39,6 +39,14 @@ def export_model(model: PreTrainedModel, tokenizer_dir: Path, out_dir: Path, tru
                 shutil.copyfile(f, folder / f.name)
 
 
+def holds(out_dir: Path, export: str = "merged") -> bool:
+    """Whether `out_dir` holds the export `export` asks for (see the module docstring)."""
+    model, adapter = (Path(out_dir) / "config.json").is_file(), (Path(out_dir) / "adapter_config.json").is_file()
+    if export == "adapter":
+        return adapter and not model
+    return model and (export == "merged" or (Path(out_dir) / ADAPTER_DIR / "adapter_config.json").is_file())
+
+
 def _save_model(model: PreTrainedModel, tokenizer, folder: Path) -> None:
     # The exported model is for generating: with the KV cache (training runs without it), and stopping at the end
     # of an assistant turn as well as at EOS, so `pipeline("text-generation")` ends a chat answer where it should.
