@@ -136,10 +136,6 @@ def _restore_weights(t: Trainee, weights: dict | None) -> None:
     full_state.spread_weights(t.parallel, t.world, retie(weights, t.parallel.tied) if t.world.is_main else None)
 
 
-def _capture_adapters(t: Trainee) -> dict | None:
-    return full_state.gather_weights(t.parallel, t.world, trainable_only=True)
-
-
 def _write_adapters(adapters: dict, folder: Path) -> None:
     from safetensors.torch import save_file
     save_file({name: tensor.contiguous() for name, tensor in adapters.items()}, str(folder / "adapters.safetensors"))
@@ -149,10 +145,6 @@ def read_adapters(folder: Path, version: int = FORMAT_VERSION) -> dict[str, torc
     """A checkpoint's LoRA adapters on the CPU, by state-dict name."""
     from safetensors.torch import load_file
     return _reading(folder / "adapters.safetensors", load_file)
-
-
-def _restore_adapters(t: Trainee, adapters: dict | None) -> None:
-    full_state.spread_weights(t.parallel, t.world, adapters, partial=True)
 
 
 def _write_optimizer(state: dict, folder: Path) -> None:
@@ -223,8 +215,10 @@ def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
 PARTS = (
     Part("weights", ("model.safetensors",), _capture_weights, _write_weights, read_weights, _restore_weights,
          model_tensors="weights"),
-    Part("adapters", ("adapters.safetensors",), _capture_adapters, _write_adapters, read_adapters,
-         _restore_adapters, model_tensors="adapters"),
+    Part("adapters", ("adapters.safetensors",),
+         lambda t: full_state.gather_weights(t.parallel, t.world, trainable_only=True), _write_adapters,
+         read_adapters, lambda t, data: full_state.spread_weights(t.parallel, t.world, data, partial=True),
+         model_tensors="adapters"),
     Part("optimizer", ("optimizer.safetensors", "optimizer.json"),
          lambda t: full_state.gather_optimizer(t.parallel, t.optimizer, t.world), _write_optimizer, _read_optimizer,
          _restore_optimizer),
