@@ -10,7 +10,9 @@
 # 2. one fp16 session followed by one bf16 session of the same run, and a session with train.devices: auto;
 # 3. the memory plan against torch.cuda.max_memory_allocated for the three benchmark sizes, with and without
 #    activation checkpointing, in bf16 and fp16;
-# 4. LoRA memory: a placeholder until the train stage has LoRA.
+# 4. LoRA: one LoRA session (r=16) of a ~0.5B model (Qwen2-0.5B's config, random weights saved in bf16) through the
+#    train stage, its memory plan next to the torch.cuda.max_memory_allocated it prints after 5 steps; then LoRA
+#    against a full fine-tune of the same model: peak memory, step time (interleaved), checkpoint and export sizes.
 # Each part's output is in OUTPUT_FOLDER/<part>.log; a failing part does not stop the others. PARTS (names below:
 # bench, sessions, memory, lora) runs some of them; SESSION_STEPS sets the sessions' steps_today (default 300).
 set -u
@@ -80,8 +82,10 @@ wanted memory && part memory-bf16 python bench/bench_memory.py --device cuda --p
 wanted memory && part memory-fp16 python bench/bench_memory.py --device cuda --precision fp16 --batch-size 8 --seq-len 1024 \
     --sizes 120m
 
-# 4. LoRA memory (a frozen 16-bit base with fp32 adapters): the train stage has no LoRA yet; the plan's estimate
-#    for it is printed by: python -m stages.memory_plan --config <folder> --precision bf16 --lora-r 16
-wanted lora && echo "== lora-memory: not measured yet (placeholder for the LoRA train setting)"
+# 4. LoRA (a frozen 16-bit base with fp32 adapters) on Qwen2-0.5B's config: one session, then against a full fine-tune.
+wanted lora && part lora-session python bench/bench_lora.py --size qwen2-0.5b --device cuda --session --steps 20 \
+    --batch-size 8 --seq-len 1024
+wanted lora && part lora-vs-full python bench/bench_lora.py --size qwen2-0.5b --device cuda --batch-size 8 \
+    --seq-len 1024 --rounds 5
 
 echo "outputs in $OUTPUT"

@@ -2,6 +2,7 @@
 
     python -m stages.memory_plan                         # the session params.yaml describes, on this machine
     python -m stages.memory_plan --config path/to/phi-2 --seq-len 2048 --batch-size 4 --precision fp16 --gib 15
+    python -m stages.memory_plan --config path/to/phi-2 --precision fp16 --gib 15 --lora-r 16 --activation-checkpointing
 
 It prints the plan the train stage prints before its first step (stages/lib/memory.py) and, when the plan does not
 fit, the settings that would. Nothing is loaded: the model is built on PyTorch's meta device from its config.json.
@@ -9,15 +10,16 @@ fit, the settings that would. Nothing is loaded: the model is built on PyTorch's
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import AutoConfig
 
-from stages.lib import memory
+from stages.lib import lora, memory
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError, run_stage
 from stages.lib.model import model_config
-from stages.lib.params import TOKENIZER_DIR, load_params
+from stages.lib.params import TOKENIZER_DIR, TrainParams, load_params
 from stages.lib.precision import pick_precision
 
 
@@ -25,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     """Print the memory plan for the arguments (without --config: the session params.yaml describes)."""
     args = _parser().parse_args(argv)
     train = load_params().train if args.config is None else None
-    config = _config(args.config) if args.config else model_config(train, _tokenizer_size(train.init_from), {})
+    vocab_size = _tokenizer_size(train.init_from) if train else 0
+    config = _config(args.config) if args.config else model_config(train, vocab_size, {})
+    shape = memory.model_shape(config)
     device = pick_device(train.device if train else "auto")
     setup = memory.Setup(
         batch_size=args.batch_size or (train.batch_size if train else 1),
@@ -33,10 +37,10 @@ def main(argv: list[str] | None = None) -> None:
         grad_accum=args.grad_accum or (train.grad_accum if train else 1),
         precision=args.precision or pick_precision(train.precision if train else "auto", device, warn=False).name,
         activation_checkpointing=args.activation_checkpointing or bool(train and train.activation_checkpointing),
-        lora_r=args.lora_r)
+        **_lora_settings(args.lora_r, train, vocab_size, shape))
     free = int(args.gib * memory.GIB) if args.gib else memory.available_memory(device)
     where = f"a {args.gib:g} GiB device" if args.gib else str(device)
-    plan = memory.plan_memory(memory.model_shape(config), setup, free, where)
+    plan = memory.plan_memory(shape, setup, free, where)
     print("\n".join(plan.lines()))
     if not plan.fits():
         print(memory.does_not_fit_message(plan))
@@ -54,10 +58,23 @@ def _parser() -> argparse.ArgumentParser:
                         help="what the passes compute in (default: what `auto` picks on this machine; give it when "
                              "planning for another GPU: fp16 on a T4 or V100, bf16 on an A100 or H100)")
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--lora-r", type=int, default=0, help="plan LoRA adapters of this rank on a frozen base")
+    parser.add_argument("--lora-r", type=int, help="plan LoRA adapters of this rank on the frozen base, on its "
+                                                   "attention and MLP projections (default: train.lora.r, or 0 "
+                                                   "with --config)")
     parser.add_argument("--gib", type=float, help="free device memory to plan against, in GiB (default: this "
                                                   "machine's free GPU memory, or its available RAM)")
     return parser
+
+
+def _lora_settings(lora_r: int | None, train: TrainParams | None, vocab_size: int, shape) -> dict:
+    """The plan's LoRA: train.lora's (its rank replaced by --lora-r when given); from a config alone, --lora-r's on
+    the attention and MLP projections, with dropout."""
+    if train is None or not train.init_from:
+        dropout = train.lora.dropout > 0 if train else True
+        r = lora_r if lora_r is not None else (train.lora.r if train else 0)
+        return {"lora_r": r, "lora_dropout": dropout} if r else {}
+    wanted = replace(train, lora=replace(train.lora, r=lora_r)) if lora_r is not None else train
+    return lora.checked_plan_settings(wanted, vocab_size, shape)
 
 
 def _config(path: str):

@@ -6,16 +6,19 @@ import contextlib
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PhiConfig, Qwen2Config
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
+                          Qwen2Config)
 
 from stages import memory_plan
-from stages.lib import memory
+from stages.lib import lora, memory
 from stages.lib.errors import UserError
 from stages.lib.loss import LossModule
 from stages.lib.memory import GIB, Setup, model_shape, plan_memory, settings_that_fit
 from stages.lib.model import new_model_config
-from stages.lib.params import ModelParams
-from train_helpers import EOS_ID, PAD_ID, REPO, TINY, VOCAB, checkpoint_step, make_workspace, session
+from stages.lib.params import LoraParams, ModelParams
+from test_families import base_model
+from train_helpers import (EOS_ID, PAD_ID, REPO, TINY, VOCAB, checkpoint_step, inside, make_workspace, session,
+                           write_params)
 
 SMALL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3,
          "num_attention_heads": 4, "max_position_embeddings": 256}
@@ -31,10 +34,11 @@ PHI_2 = {"vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240, "
          "resid_pdrop": 0.1, "hidden_act": "gelu_new", "tie_word_embeddings": False}
 
 
-def kept_for_backward(config, precision: str, batch: int = 4, seq_len: int = 128) -> int:
-    """Bytes autograd keeps for the backward pass of one micro-batch, parameters excepted (each storage once)."""
+def kept_for_backward(config, precision: str, batch: int = 4, seq_len: int = 128, model=None) -> int:
+    """Bytes autograd keeps for the backward pass of one micro-batch, parameters excepted (each storage once), for
+    a random model of `config` (or `model`)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    model = model or AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
@@ -75,6 +79,7 @@ def test_phi_2_full_fine_tune_does_not_fit_a_t4_at_any_batch_size_and_lora_does(
     assert fixed == 16 * shape.parameters  # fp32 weights and gradients, two fp32 AdamW moments
     advice = settings_that_fit(shape, full.setup, t4)
     assert len(advice) == 1 and "LoRA of rank 16" in advice[0]  # no batch size, no checkpointing is enough
+    assert "(train.lora.r: 16) with train.activation_checkpointing: true" in advice[0]
     assert "train.batch_size: 4, train.grad_accum: 4" in advice[0]
     lora = plan_memory(shape, Setup(4, 2048, grad_accum=4, precision="fp16", activation_checkpointing=True,
                                     lora_r=16), t4)
@@ -89,7 +94,8 @@ def test_the_readmes_phi_2_table_is_what_the_plan_computes():
     shape, readme = model_shape(PhiConfig(**PHI_2)), (REPO / "README.md").read_text()
     rows = [("T4, 15 GiB", 15, Setup(1, 2048, precision="fp16"), "does not fit"),
             ("T4, 15 GiB", 15, Setup(1, 2048, precision="fp16", activation_checkpointing=True), "does not fit"),
-            ("T4, 15 GiB", 15, Setup(4, 2048, precision="fp16", activation_checkpointing=True, lora_r=16), "fits"),
+            ("T4, 15 GiB", 15, Setup(4, 2048, precision="fp16", activation_checkpointing=True, lora_r=16,
+                                     lora_dropout=True), "fits"),
             ("A100, 40 GiB", 40, Setup(4, 2048, precision="bf16", activation_checkpointing=True), "does not fit"),
             ("A100/H100, 80 GiB", 80, Setup(1, 2048, precision="bf16"), "fits"),
             ("A100/H100, 80 GiB", 80, Setup(16, 2048, precision="bf16", activation_checkpointing=True), "fits")]
@@ -117,9 +123,34 @@ def test_the_memory_plan_command_prints_phi_2_on_a_t4_from_its_config(tmp_path, 
     out = capsys.readouterr().out
     assert "(fp16, micro-batch 4 x 2048 tokens, activation checkpointing off)" in out
     assert "does NOT fit" in out and "2,779,683,840 parameters" in out and "take 41.4 GiB" in out
-    assert "LoRA of rank 16" in out
+    assert "LoRA of rank 16 on the frozen base (train.lora.r: 16)" in out
     with pytest.raises(UserError, match=r"--config .*no config\.json"):
         memory_plan.main(["--config", str(tmp_path / "nowhere")])
+    lora = ["--precision", "fp16", "--gib", "15", "--batch-size", "4", "--lora-r", "16", "--activation-checkpointing"]
+    memory_plan.main(["--config", str(tmp_path / "phi-2"), *lora])
+    out = capsys.readouterr().out
+    assert "(LoRA r=16, fp16, micro-batch 4 x 2048 tokens, activation checkpointing on)" in out
+    assert "fits" in out and "does NOT fit" not in out
+    readme = (REPO / "README.md").read_text()
+    shown = readme.split("$ python -m stages.memory_plan --config pretrained/phi-2", 1)[1].split("```", 1)[0]
+    assert shown.splitlines()[0].split() == lora  # the README's command and what it prints
+    assert shown.splitlines()[1:] == out.splitlines()
+
+
+def test_the_memory_plan_command_plans_the_lora_params_yaml_describes(tmp_path, capsys):
+    base_model("qwen2", tmp_path / "base")
+    root = make_workspace(tmp_path / "w", init_from=str(tmp_path / "base"),
+                          lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    with inside(root):
+        memory_plan.main([])
+    out = capsys.readouterr().out
+    shape = model_shape(AutoConfig.from_pretrained(tmp_path / "base"))
+    adapters = 4 * sum(sum(shape.linear_layers[name]) for name in ("q_proj", "v_proj"))
+    assert "(LoRA r=4, fp32, micro-batch 4 x 16 tokens" in out
+    assert f"gradients {memory.size(4 * adapters)}" in out
+    with inside(root), pytest.raises(UserError, match=r"'o_prj' is no linear layer of this model"):
+        write_params(root, init_from=str(tmp_path / "base"), lora={"r": 4, "target_modules": ["o_prj"]})
+        memory_plan.main([])
 
 
 def tiny_plan(**setup) -> memory.MemoryPlan:
@@ -160,3 +191,33 @@ def test_an_out_of_memory_error_becomes_advice_and_leaves_the_checkpoint_whole(t
     monkeypatch.setattr(LossModule, "forward", forward)
     assert session(root, steps_today=2).start_step == 4
     assert checkpoint_step(root) == 6
+
+
+def with_adapters(config, dtype: torch.dtype, targets="auto", dropout: float = 0.1):
+    """A random model of `config` held in `dtype` with rank-8 LoRA adapters, as a LoRA session builds it."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype)
+    return lora.add_adapters(model, LoraParams(r=8, dropout=dropout, target_modules=targets)).train()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_loras_activation_estimate_matches_what_autograd_keeps_on_its_frozen_base(family, precision):
+    config = FAMILIES[family]()
+    model = with_adapters(config, torch.bfloat16 if precision == "bf16" else torch.float32)
+    plan = plan_memory(model_shape(config), Setup(4, 128, precision=precision, lora_r=8, lora_dropout=True))
+    assert plan.parts["16-bit copies"] == 0  # the base is held in 16 bits already
+    assert plan.parts["activations"] == pytest.approx(kept_for_backward(config, precision, model=model), rel=0.15)
+
+
+@pytest.mark.parametrize("family, targets", [("llama", "auto"), ("llama", ["q_proj", "v_proj"]), ("gpt2", "auto"),
+                                             ("gpt2", ["c_attn"])])  # GPT-2's Conv1D layers: PEFT's fan_in_fan_out
+def test_the_plan_counts_the_adapters_peft_creates(family, targets):
+    config = FAMILIES[family]()
+    model = with_adapters(config, torch.float32, targets)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = model_shape(config)
+    names = lora.target_modules(targets, shape.linear_layers, list(shape.block_linears))
+    plan = plan_memory(shape, Setup(4, 128, lora_r=8, lora_targets=tuple(names)))
+    assert plan.parts["gradients"] == 4 * adapters and plan.parts["AdamW state"] == 8 * adapters
+    assert plan.parts["weights"] == 4 * (shape.parameters + adapters)

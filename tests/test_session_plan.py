@@ -3,7 +3,10 @@ and what each session adds to DVC's cache; printed and logged once the first ste
 
 import math
 
-from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session
+from stages.lib import lora
+from stages.lib.model import new_model
+from stages.lib.params import LoraParams, ModelParams
+from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session, stored_bytes
 from train_helpers import make_workspace, read_tsv, session
 
 TIMES = [9.0, 2.0, 2.0, 3.0, 2.0]  # the first step carries the warm-up
@@ -11,7 +14,7 @@ TIMES = [9.0, 2.0, 2.0, 3.0, 2.0]  # the first step carries the warm-up
 
 def plan(end=100, total=1000, deadline=math.inf, reserve=0.0, start=0):
     return plan_session(step=start + 5, start=start, end=end, total=total, step_times=TIMES, now=0.0,
-                        deadline=deadline, reserve=reserve, weight_bytes=4_000_000, trained_parameters=1_000_000)
+                        deadline=deadline, reserve=reserve, checkpoint_bytes=12_000_000, export_bytes=4_000_000)
 
 
 def test_steps_today_ends_the_session_and_the_rest_of_the_budget_needs_sessions_of_its_length():
@@ -49,3 +52,15 @@ def test_a_session_prints_and_logs_its_plan_once_after_the_first_steps(tmp_path,
     assert [step for step, _ in read_tsv(root, "session/sessions_after_this")] == [PLAN_AFTER_STEPS]
     session(root, steps_today=2)  # shorter than the first steps timed: the plan comes at its last step
     assert "session plan at step 10:" in capsys.readouterr().out
+
+
+def test_a_lora_session_stores_its_adapters_and_their_adamw_state_not_the_base():
+    model = new_model(ModelParams(n_layer=2, hidden_size=32, n_head=4), 64, {}, seed=0)
+    weights = sum(p.numel() for p in model.parameters())
+    assert stored_bytes(model) == (12 * weights, 4 * weights)  # all of it trains: fp32, and two moments
+    lora.add_adapters(model, LoraParams(r=4))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == 4 * 2 * (4 * (32 + 32) + 2 * (32 + 128) + (128 + 32))  # r x (in + out) of 7 layers, 2 blocks
+    assert stored_bytes(model, "adapter") == (12 * adapters, 4 * adapters)
+    assert stored_bytes(model, "merged") == (12 * adapters, 4 * weights)  # the base's size
+    assert stored_bytes(model, "both") == (12 * adapters, 4 * weights + 4 * adapters)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.lib.batches import IGNORE_INDEX
@@ -93,6 +94,21 @@ def test_a_batch_with_no_counted_target_gives_every_parameter_a_zero_gradient(ti
     assert loss.item() == 0.0
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().max() == 0, name  # in the graph: DDP gets every gradient
+
+
+def test_a_frozen_head_gets_no_gradient_computed_and_the_hidden_states_the_same_one():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(24, 16, generator=g), torch.randn(64, 16, generator=g)
+    labels = torch.randint(0, 64, (24,), generator=g)
+    grads, flops = {}, {}
+    for head_trains in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(head_trains)
+        with FlopCounterMode(display=False) as counter:
+            head_loss_sum(h, w, labels, chunk_rows=24).backward()
+        grads[head_trains], flops[head_trains] = h.grad, counter.get_total_flops()
+        assert (w.grad is not None) == head_trains
+    torch.testing.assert_close(grads[False], grads[True], rtol=0, atol=0)
+    assert flops[False] == flops[True] * 2 // 3  # logits and the hidden states' gradient; no weight gradient
 
 
 def test_export_loads_with_from_pretrained_and_is_byte_reproducible(tmp_path):

@@ -3,6 +3,9 @@
 A checkpoint is a folder `step-00000600/` made of named parts (PARTS below), each saved and loaded by its own
 functions, and nothing in it is a pickle:
 - `weights`: `model.safetensors` (tensors shared in the model, such as tied embeddings, stored once);
+- or, when the model trains LoRA adapters on a frozen base (stages/lib/lora.py), `adapters`:
+  `adapters.safetensors`, the adapter tensors alone (megabytes where the base is gigabytes: the base is
+  train.init_from, fingerprinted by its content); state.json's `model_tensors` says which of the two it holds;
 - `optimizer`: `optimizer.safetensors` (every state tensor, named `<parameter index>.<name>`) and
   `optimizer.json` (the parameter groups and any state that is not a tensor);
 - `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
@@ -16,23 +19,23 @@ in PARTS. Every process takes part in capturing a part (gathering FSDP shards to
 rank 0 alone writes and reads; restoring spreads rank 0's state to all, so any checkpoint resumes on any number of
 processes with either strategy.
 
-Format 1 kept the optimizer state in `optimizer.pt` (torch.save, a pickle). It is still read, once, with
+Format 3 added the `adapters` part and `model_tensors` (a format 2 checkpoint holds weights). Format 1 kept the
+optimizer state in `optimizer.pt` (torch.save, a pickle). It is still read, once, with
 `torch.load(weights_only=True)` on a torch that has the fix for advisory GHSA-63cw-57p8-fm3p (2.10 or later), and
-the next save writes format 2. A checkpoint that cannot be read (a newer or unknown format, a damaged or missing
-file, a missing key) raises Unreadable, naming the folder, what is wrong and what to do; it is never skipped or
-deleted. Where checkpoints are kept, found and pruned is stages/lib/checkpoint_store.py.
+the next save writes the current format. A checkpoint that cannot be read (a newer or unknown format, a damaged or
+missing file, a missing key) raises Unreadable, naming the folder, what is wrong and what to do; it is never skipped
+or deleted. Where checkpoints are kept, found and pruned is stages/lib/checkpoint_store.py.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stages.lib import full_state, live_logs
+from stages.lib.rng import rng_state, set_rng_state
 from stages.lib.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding checkpoints stays fast
@@ -42,8 +45,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding che
     from stages.lib.precision import LossScaler
     from stages.lib.world import World
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 STATE_FILE = "state.json"
 STATE_KEYS = ("step", "fingerprint", "fingerprint_values")  # what every state.json holds
 SAFE_TORCH_LOAD = (2, 10)  # torch.load(weights_only=True) is safe from this version (GHSA-63cw-57p8-fm3p)
@@ -81,6 +84,12 @@ class Trainee:
     world: World
     live_dir: Path
     scaler: LossScaler | None = None  # fp16's loss scaler (disabled in the other modes); None: not saved
+    adapters: bool = False  # the model trains LoRA adapters on a frozen base: they are saved, not its weights
+
+    @property
+    def model_tensors(self) -> str:
+        """What of the model a checkpoint holds: `weights` or `adapters`."""
+        return "adapters" if self.adapters else "weights"
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class Part:
     write(data, folder): rank 0 writes the captured data into the checkpoint folder being built.
     read(folder, version): rank 0 reads it back from a complete checkpoint of that format version.
     restore(trainee, data): called on every process (it may spread rank 0's data); `data` is None off rank 0.
+    model_tensors: in checkpoints holding the model this way only (`weights` or `adapters`); None: in every one.
     """
 
     name: str
@@ -100,6 +110,7 @@ class Part:
     write: Callable[[Any, Path], None]
     read: Callable[[Path, int], Any]
     restore: Callable[[Trainee, Any], None]
+    model_tensors: str | None = None
 
 
 # ---- the parts ----------------------------------------------------------------------------------------------------
@@ -123,6 +134,17 @@ def read_weights(folder: Path, version: int = FORMAT_VERSION) -> dict[str, torch
 
 def _restore_weights(t: Trainee, weights: dict | None) -> None:
     full_state.spread_weights(t.parallel, t.world, retie(weights, t.parallel.tied) if t.world.is_main else None)
+
+
+def _write_adapters(adapters: dict, folder: Path) -> None:
+    from safetensors.torch import save_file
+    save_file({name: tensor.contiguous() for name, tensor in adapters.items()}, str(folder / "adapters.safetensors"))
+
+
+def read_adapters(folder: Path, version: int = FORMAT_VERSION) -> dict[str, torch.Tensor]:
+    """A checkpoint's LoRA adapters on the CPU, by state-dict name."""
+    from safetensors.torch import load_file
+    return _reading(folder / "adapters.safetensors", load_file)
 
 
 def _write_optimizer(state: dict, folder: Path) -> None:
@@ -191,7 +213,12 @@ def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
 
 
 PARTS = (
-    Part("weights", ("model.safetensors",), _capture_weights, _write_weights, read_weights, _restore_weights),
+    Part("weights", ("model.safetensors",), _capture_weights, _write_weights, read_weights, _restore_weights,
+         model_tensors="weights"),
+    Part("adapters", ("adapters.safetensors",),
+         lambda t: full_state.gather_weights(t.parallel, t.world, trainable_only=True), _write_adapters,
+         read_adapters, lambda t, data: full_state.spread_weights(t.parallel, t.world, data, partial=True),
+         model_tensors="adapters"),
     Part("optimizer", ("optimizer.safetensors", "optimizer.json"),
          lambda t: full_state.gather_optimizer(t.parallel, t.optimizer, t.world), _write_optimizer, _read_optimizer,
          _restore_optimizer),
@@ -210,23 +237,37 @@ FORMAT_1_FILES = {"optimizer": ("optimizer.pt",)}  # files a part had in format 
 
 # ---- writing, reading, restoring ----------------------------------------------------------------------------------
 
+def parts_of(model_tensors: str) -> list[Part]:
+    """The parts of a checkpoint that holds the model as `model_tensors` (`weights` or `adapters`)."""
+    return [part for part in PARTS if part.model_tensors in (None, model_tensors)]
+
+
+def model_tensors_of(state: dict) -> str:
+    """What of the model the checkpoint of this state.json holds (`weights` before format 3)."""
+    return state.get("model_tensors", "weights")
+
+
 def capture(trainee: Trainee) -> dict | None:
     """Every part's data, on rank 0 (None elsewhere); every process must call it."""
-    captured = {part.name: part.capture(trainee) for part in PARTS}
+    captured = {part.name: part.capture(trainee) for part in parts_of(trainee.model_tensors)}
     return captured if trainee.world.is_main else None
 
 
 def write(folder: Path, captured: dict, state: dict) -> None:
     """Write a checkpoint into the empty folder `folder`; state.json last, which marks it complete."""
-    for part in PARTS:
+    model_tensors = "adapters" if "adapters" in captured else "weights"
+    for part in parts_of(model_tensors):
         part.write(captured[part.name], folder)
-    _write_json({"format_version": FORMAT_VERSION, **state}, folder / STATE_FILE)
+    _write_json({"format_version": FORMAT_VERSION, **state, "model_tensors": model_tensors}, folder / STATE_FILE)
 
 
 def restore(checkpoint: Checkpoint, trainee: Trainee) -> None:
     """Put every part of `checkpoint` back into the trainee; every process calls it, rank 0 alone reads."""
     version = checkpoint.state["format_version"]
-    for part in PARTS:
+    held = model_tensors_of(checkpoint.state)
+    if held != trainee.model_tensors:  # the fingerprint tells LoRA runs apart: this is a bug, not a user's mistake
+        raise RuntimeError(f"{checkpoint.path} holds {held}, but this session trains {trainee.model_tensors}")
+    for part in parts_of(held):
         part.restore(trainee, part.read(checkpoint.path, version) if trainee.world.is_main else None)
 
 
@@ -254,7 +295,7 @@ def read_state(folder: Path) -> dict:
     for key in STATE_KEYS:
         if key not in state:
             raise Unreadable(folder, f"{STATE_FILE} has no '{key}'")
-    for part in PARTS:
+    for part in parts_of(model_tensors_of(state)):
         for name in (FORMAT_1_FILES.get(part.name, part.files) if version == 1 else part.files):
             if not (Path(folder) / name).is_file():
                 raise Unreadable(folder, f"its {part.name} file {name} is missing")
@@ -312,45 +353,9 @@ def retie(weights: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[str, 
     return full
 
 
-def rng_state() -> dict:
-    """Every random generator's state as JSON-ready lists."""
-    import numpy as np
-    import torch
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
-    return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state().tolist(), "cuda": cuda}
-
-
-def set_rng_state(state: dict) -> None:
-    """Put back what `rng_state` returned."""
-    import numpy as np
-    import torch
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _write_json(data: Any, path: Path, indent: int | None = 1) -> None:
     path.write_text(json.dumps(data, indent=indent, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def copy_tree(source: Path, target: Path) -> None:
-    """Copy a checkpoint folder, hardlinking its files where the filesystem allows (no extra space)."""
-    shutil.copytree(source, target, copy_function=_link_or_copy)
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        Path(target).hardlink_to(source)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copyfile(source, target)

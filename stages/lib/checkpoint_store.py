@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from stages.lib.checkpoint import Checkpoint, Unreadable, capture, copy_tree, read_state, write
+from stages.lib.checkpoint import Checkpoint, Unreadable, capture, read_state, write
 from stages.lib.files import exclusive_lock, fresh_folder, publish_folder, write_atomically
 
 if TYPE_CHECKING:
@@ -169,6 +169,9 @@ def extension_point(folder: Path, state: dict) -> str | None:
         if found.get("pre_decay") and found.get("run") == state.get("run") and found["step"] <= state["step"]:
             return path.name
     return None
+def folder_bytes(folder: Path) -> int:
+    """What the files of a checkpoint folder take (what a session adds to DVC's cache for it)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def note_recorded(recovery_dir: Path, state: dict) -> None:
@@ -197,3 +200,15 @@ def session_lock(recovery_dir: Path) -> Iterator[None]:
 
 def _before_publish(tmp: Path) -> None:
     """Called with the written, not yet renamed folder; tests replace it to kill a process mid-save."""
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    """Copy a checkpoint folder, hardlinking its files where the filesystem allows (no extra space)."""
+    shutil.copytree(source, target, copy_function=_link_or_copy)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        Path(target).hardlink_to(source)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, target)

@@ -1,7 +1,8 @@
 """What a training session will do, decided once before it starts: pure functions, no I/O.
 
 A run is defined by the settings behind its `run` fingerprint (model, tokenizer and training data, seq_len,
-packing, global batch, optimiser settings, peak and final learning rate, warmup, seed). Its plan, how long it is and the shape of its
+packing, global batch, optimiser settings, peak and final learning rate, warmup, seed; a LoRA's rank,
+alpha, dropout and targets). Its plan, how long it is and the shape of its
 learning rate (total_step_budget or epochs, train.schedule, decay_steps / decay_fraction), is not part of it: a
 checkpoint of the same run with another plan is the same run, extended (or shortened). The checkpoint's
 `fingerprint` covers both (the run and its schedule), so two checkpoints of the same step and fingerprint hold the
@@ -13,7 +14,7 @@ session runs it without deciding anything again.
 Resume (`train.resume`): `auto` resumes the newest checkpoint of the same run and otherwise starts a new run, naming
 the settings that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a
 session can change between sessions: steps_today, minutes_today, save_every, eval_every, eval_batches, log_every,
-compile, device, precision, activation_checkpointing, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their product
+compile, device, precision, activation_checkpointing, export, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their product
 (the global batch) stays the same. Resuming on another number of processes with the same batch settings keeps the
 run's global batch by changing grad_accum for the session (or says which batch_size and grad_accum would).
 
@@ -164,11 +165,14 @@ def schedule_of(checkpoint: Checkpoint) -> Schedule:
 def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_model: str | None) -> dict:
     """The settings that define a run (a checkpoint resumes only when they are unchanged) and those that plan it
     (PLAN_KEYS: they may change, the run is then extended or shortened). A pretrained model (train.init_from)
-    counts by the content of its config and weight files, not by its path."""
+    counts by the content of its config and weight files, not by its path; a LoRA by its settings (a full
+    fine-tune has none, so its fingerprint is what it was before LoRA existed)."""
     wsd = train.schedule == "wsd"
     values = {f"model.{k}": v for k, v in asdict(train.model).items()} if not train.init_from else {}
     if train.init_from:
         values["base_model_sha256"] = base_model
+    if train.lora.r:
+        values.update({f"lora.{k}": v for k, v in asdict(train.lora).items()})
     values.update({
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],

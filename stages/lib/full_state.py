@@ -4,6 +4,7 @@ One process holds them whole. Under DDP every process holds a copy; under FSDP e
 give rank 0 the state as one process would have it (the model's own parameter names; the optimizer state keyed by
 parameter index, as `optimizer.state_dict()` is on one process) and spread rank 0's state to every process, so a
 checkpoint has one format for any number of processes and either strategy. Every process must call them.
+With LoRA (stages/lib/lora.py) only the tensors that train travel: `trainable_only` and `partial`.
 """
 
 from __future__ import annotations
@@ -19,25 +20,40 @@ if TYPE_CHECKING:
     from stages.lib.world import World
 
 
-def gather_weights(parallel: ParallelModel, world: World) -> dict[str, torch.Tensor] | None:
-    """On rank 0, every state-dict tensor under the model's own names (tied names included); None elsewhere."""
+def gather_weights(parallel: ParallelModel, world: World,
+                   trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """On rank 0, every state-dict tensor under the model's own names (tied names included), or with
+    `trainable_only` the parameters that train alone; None elsewhere."""
     if world.size == 1:
-        return parallel.model.state_dict()
+        weights = parallel.model.state_dict()
+        return {n: w for n, w in weights.items() if n in _trainable(parallel)} if trainable_only else weights
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    weights = get_model_state_dict(parallel.forward, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
-    return {name.removeprefix(MODEL_PREFIX): w for name, w in weights.items()} if world.is_main else None
+    weights = get_model_state_dict(parallel.forward, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
+    if not world.is_main:
+        return None
+    weights = {name.removeprefix(MODEL_PREFIX): w for name, w in weights.items()}
+    # A tied name (lm_head.weight) outlives ignore_frozen_params, which drops each frozen tensor under one name.
+    return {n: w for n, w in weights.items() if n in _trainable(parallel)} if trainable_only else weights
 
 
-def spread_weights(parallel: ParallelModel, world: World, weights: dict | None) -> None:
-    """Load rank 0's `weights` (every name present) into every process's model; the others pass None."""
+def spread_weights(parallel: ParallelModel, world: World, weights: dict | None, partial: bool = False) -> None:
+    """Load rank 0's `weights` into every process's model; the others pass None. Every name must be present, or
+    with `partial` exactly the parameters that train (the frozen rest stays as it is)."""
     if world.size == 1:
-        parallel.model.load_state_dict(weights)
+        if partial and set(weights) != _trainable(parallel):
+            raise ValueError(f"expected the trained parameters, got {sorted(set(weights) ^ _trainable(parallel))}")
+        parallel.model.load_state_dict(weights, strict=not partial)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     full = {MODEL_PREFIX + name: w for name, w in weights.items()} if world.is_main else {}
     set_model_state_dict(parallel.forward, full, options=StateDictOptions(full_state_dict=True,
-                                                                          broadcast_from_rank0=True))
+                                                                          broadcast_from_rank0=True,
+                                                                          strict=not partial))
+
+
+def _trainable(parallel: ParallelModel) -> set[str]:
+    return {name for name, p in parallel.model.named_parameters() if p.requires_grad}
 
 
 def gather_optimizer(parallel: ParallelModel, optimizer: torch.optim.Optimizer, world: World) -> dict | None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from stages.lib.errors import UserError
 from stages.lib.files import write_atomically
 
 CACHE_FILE = Path(".stepwise-cache") / "hashes.json"
@@ -23,11 +22,10 @@ BLOCK = 16 << 20
 
 def model_digest(folder: str | Path, cache_file: Path = CACHE_FILE) -> str:
     """One sha256 over the config and weight files of a model folder (names and contents), cached per file."""
+    from stages.lib.model import check_model_folder  # transformers, which the rest of this module does not need
+    check_model_folder(str(folder))
     folder = Path(folder)
     files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
-    if not (folder / "config.json").is_file():
-        raise UserError(f"train.init_from = {str(folder)!r}: no config.json there; expected a local HuggingFace "
-                        "model folder (with config.json and model.safetensors)")
     cache = _read_cache(cache_file)
     before = dict(cache)
     total = hashlib.sha256()

@@ -5,6 +5,7 @@ The prompt is built exactly as the render stage built the training prompts (`sta
 asked the way it was taught. Decoding stops at EOS and at the end-of-turn tokens of chat templates (`<|im_end|>`...).
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +31,27 @@ class Decoding:
 
 
 def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: str = "auto"):
-    """Load an exported model folder and its tokenizer with from_pretrained; return (model, tokenizer)."""
+    """Load an exported model folder and its tokenizer with from_pretrained; return (model, tokenizer).
+
+    A LoRA adapter exported alone (train.export: adapter) loads on its base, from the path its adapter_config.json
+    records, through transformers' PEFT integration.
+    """
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    adapter = model_dir / "adapter_config.json"
+    if not (model_dir / "config.json").is_file() and not adapter.is_file():
         raise UserError(f"{model_dir} holds no exported model (no config.json): run the train stage first "
                         "(`dvc repro train`, or `python -m stages.train`), or pass the folder of an exported model")
     torch_device = pick_device(device)
     hf_logging.disable_progress_bar()  # a bar per weight file is noise here
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    except OSError as err:
+        if not adapter.is_file():
+            raise
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        raise UserError(f"{model_dir} holds a LoRA adapter whose base model, {base!r}, cannot be loaded from here "
+                        f"({str(err).splitlines()[0][:200]}): run from the repository root where train.init_from "
+                        "points at it, or export the merged model (train.export: merged or both)") from None
     if torch_device.type == "cpu":
         model = model.float()  # bf16 matmuls are very slow on CPUs
     model.to(torch_device).eval()

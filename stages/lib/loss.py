@@ -84,7 +84,8 @@ def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, row chunk by row chunk.
 
     Only rows whose label counts are computed. With gradients wanted, each chunk's gradient is computed right
-    after its loss (softmax minus one-hot), so no logits are kept for the backward pass.
+    after its loss (softmax minus one-hot), so no logits are kept for the backward pass; a frozen head (a LoRA's)
+    gets none computed.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
@@ -106,7 +107,8 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_rows, bias):
-        loss, *ctx.grads = _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, True)
+        head_trains = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
+        loss, *ctx.grads = _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, True, head_trains)
         return loss
 
     @staticmethod
@@ -117,7 +119,7 @@ class _HeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, grad_bias
 
 
-def _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, want_grads):
+def _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, want_grads, head_trains=True):
     # Under bf16 autocast the matmuls run in bf16 and the softmax in fp32; autocast is switched off inside so the
     # casts are explicit (in-place accumulation is not autocast).
     device_type = hidden.device.type
@@ -131,7 +133,8 @@ def _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, want_grads):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grads else None
         grad_weight = None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_grads and bias is not None else None
+        grad_bias = (torch.zeros_like(bias, dtype=torch.float32) if want_grads and head_trains and bias is not None
+                     else None)
         for start in range(0, len(labels), chunk_rows):
             h, y = h_all[start:start + chunk_rows], labels[start:start + chunk_rows]
             if b is None:
@@ -151,13 +154,15 @@ def _head_loss_and_grads(hidden, weight, labels, chunk_rows, bias, want_grads):
                 grad_bias += probs.sum(dim=0)
             g = probs.to(mm_dtype)
             grad_hidden[start:start + chunk_rows] = g @ w
+            if not head_trains:
+                continue
             if grad_weight is None:
                 grad_weight = (g.t() @ h).float()
             elif mm_dtype == torch.float32:
                 grad_weight.addmm_(g.t(), h)
             else:
                 grad_weight += (g.t() @ h).float()
-    if want_grads:
+    if want_grads and head_trains:
         grad_weight = grad_weight.to(weight.dtype)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
     return loss, grad_hidden, grad_weight, grad_bias

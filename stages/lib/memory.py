@@ -2,14 +2,16 @@
 gradients, optimizer state, activations and the loss head take, against the device's free memory, and the settings
 that would fit when they do not.
 
-Bytes per parameter (N parameters, of which T train: all of them, or a LoRA's adapters):
+Bytes per parameter (N parameters, of which T train: all of them, or a LoRA's adapters, r x (inputs + outputs) of
+each layer they adapt):
 - weights: fp32 master weights, 4N (a LoRA base frozen in 16 bits: 2N, plus 4T of adapters);
 - 16-bit copies: under bf16/fp16 autocast each block weight is cast once per forward pass and the copy kept for the
   backward pass, 2 bytes per block parameter (one block at a time with activation checkpointing);
 - gradients 4T, AdamW's two fp32 moments 8T; FSDP divides these three by the number of processes;
 - activations: what autograd keeps for the backward pass, per token and block, counted from the block's structure
   (`block_bytes_per_token`, checked against what autograd really keeps in tests/test_memory.py); with activation
-  checkpointing, each block's input (fp32, 4 x hidden per token) and one block recomputed at a time;
+  checkpointing, each block's input (fp32, 4 x hidden per token) and one block recomputed at a time; a LoRA adds,
+  per adapted layer and token, its dropout's output and mask (inputs x (2 or 4 bytes + 1)) and A's output (r);
 - the loss head (stages/lib/loss.py): its gradients, computed in the forward pass (the head weight's 4 x vocab x
   hidden, the hidden states' gradient), and one chunk of logits; a model without a plain head holds full logits.
 The peak is the larger of two moments: the end of the forward pass (activations and head gradients, plus the larger
@@ -22,13 +24,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from stages.lib.lora import block_linears, linear_layers
 from stages.lib.loss import LOGITS_PER_CHUNK
 from stages.lib.model import has_plain_head, transformer_blocks
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # allocator fragmentation, cuBLAS workspaces, what the estimate leaves out
-LORA_RANK = 16  # the rank the advice plans a LoRA with
-LORA_PARAM = ""  # the params key that turns LoRA on, once the train stage has one
+LORA_RANK = 16  # the rank the advice plans a LoRA with (on `auto`'s targets, with train.lora's default dropout)
+LORA_PARAM = "train.lora.r"  # the params key that turns LoRA on
 PYTHON_ACTIVATIONS = {"gelu_new", "gelu_fast", "gelu_accurate"}  # formulas of several kernels: 4 tensors kept
 
 
@@ -66,7 +69,8 @@ class ModelShape:
     vocab: int
     plain_head: bool
     head_trains_bias: bool
-    linear_dims: int  # in + out features summed over the blocks' linear layers: a LoRA of rank r has r x this
+    linear_layers: dict  # each linear layer's last name -> (input, output features) summed over the model
+    block_linears: tuple  # the names of those inside the blocks (where `auto` puts LoRA adapters)
     block: Block
     tied_head: bool
 
@@ -88,8 +92,7 @@ def model_shape(config) -> ModelShape:
         intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
         head_dim=getattr(config, "head_dim", None) or hidden // heads, vocab=config.vocab_size,
         plain_head=has_plain_head(model), head_trains_bias=getattr(head, "bias", None) is not None,
-        linear_dims=sum(sum(m.weight.shape) for b in blocks for m in b.modules()
-                        if type(m).__name__ in ("Linear", "Conv1D")),
+        linear_layers=linear_layers(model), block_linears=tuple(block_linears(model)),
         block=_block_structure(blocks[0], config) if blocks else LLAMA_BLOCK,
         tied_head=head.weight is model.get_input_embeddings().weight)
 
@@ -122,7 +125,9 @@ class Setup:
     grad_accum: int = 1
     precision: str = "fp32"  # the mode picked: fp32 | bf16 | fp16
     activation_checkpointing: bool = False
-    lora_r: int = 0  # 0: a full fine-tune; r: LoRA adapters of rank r on every block linear, the base frozen
+    lora_r: int = 0  # 0: a full fine-tune; r: LoRA adapters of rank r on `lora_targets`, the base frozen
+    lora_targets: tuple = ()  # the layer names adapted (stages/lib/lora.py); empty: every block linear (auto)
+    lora_dropout: bool = False  # whether the adapters' inputs go through dropout in training
     shards: int = 1  # processes FSDP shards weights, gradients and optimizer state over
 
     @property
@@ -191,9 +196,12 @@ def plan_memory(shape: ModelShape, setup: Setup, available: int | None = None, w
     """The session's memory plan (see the module docstring)."""
     s, n = setup, shape.parameters
     half, lora = setup.half, setup.lora_r > 0
-    trained = s.lora_r * shape.linear_dims if lora else n
+    adapted = [shape.linear_layers[name] for name in s.lora_targets or shape.block_linears] if lora else []
+    trained = s.lora_r * sum(inputs + outputs for inputs, outputs in adapted) if lora else n
     tokens = s.batch_size * s.seq_len
-    block = block_bytes_per_token(shape, half) * tokens
+    a = 2 if half else 4
+    lora_activations = tokens * sum(inputs * (a + 1) * s.lora_dropout + s.lora_r * a for inputs, _ in adapted)
+    block = block_bytes_per_token(shape, half) * tokens + lora_activations // max(1, shape.layers)
     per_block_weights = shape.block_parameters // max(1, shape.layers)
     parts = {
         "weights": ((2 if half else 4) * n + 4 * trained if lora else 4 * n) // s.shards,
@@ -267,12 +275,12 @@ def settings_that_fit(shape: ModelShape, setup: Setup, available: int) -> list[s
         if checkpointed:
             options.append(_batch_advice(checkpointed, "train.activation_checkpointing: true", shape, available))
     if setup.lora_r == 0:
-        lora = _largest_batch_that_fits(shape, replace(setup, lora_r=LORA_RANK, activation_checkpointing=True),
-                                        available, smaller_only=False)
+        lora = _largest_batch_that_fits(shape, replace(setup, lora_r=LORA_RANK, lora_dropout=True,
+                                                       activation_checkpointing=True), available, smaller_only=False)
         if lora:
-            name = f"{LORA_PARAM}: {LORA_RANK}" if LORA_PARAM else "not in this version yet"
-            options.append(_batch_advice(lora, f"LoRA of rank {LORA_RANK} on the frozen base ({name}) with "
-                                               "train.activation_checkpointing: true", shape, available))
+            options.append(_batch_advice(lora, f"LoRA of rank {LORA_RANK} on the frozen base ({LORA_PARAM}: "
+                                               f"{LORA_RANK}) with train.activation_checkpointing: true", shape,
+                                         available))
     return options
 
 

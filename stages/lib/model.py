@@ -21,10 +21,11 @@ PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2"
                      "smollm3"}
 
 
-def build_model(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTrainedModel:
-    """The run's model as it is before any training (same seed, same weights)."""
+def build_model(train: TrainParams, vocab_size: int, special_ids: dict,
+                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The run's model as it is before any training (same seed, same weights); `dtype`: a pretrained model's."""
     if train.init_from:
-        model = pretrained_model(train.init_from, vocab_size, train.seq_len, train.seed)
+        model = pretrained_model(train.init_from, vocab_size, train.seq_len, train.seed, dtype)
     else:
         model = new_model(train.model, vocab_size, special_ids, train.seed)
     set_special_ids(model, special_ids)
@@ -35,7 +36,7 @@ def model_config(train: TrainParams, vocab_size: int, special_ids: dict) -> PreT
     """The config of the run's model, read or built without loading a weight (what the memory plan starts from)."""
     if not train.init_from:
         return new_model_config(train.model, vocab_size, special_ids)
-    _check_model_folder(train.init_from)
+    check_model_folder(train.init_from)
     config = AutoConfig.from_pretrained(train.init_from)
     config.vocab_size = max(config.vocab_size, vocab_size)  # as `pretrained_model` grows it
     return config
@@ -72,14 +73,14 @@ def scale_residual_init(model: PreTrainedModel, n_layer: int) -> None:
 
 
 def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
-                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+                     dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
     """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller.
 
     `dtype`: what the weights are held in, converted as they load (a 16-bit folder is never first made a full fp32
     copy): fp32 for weights that train, which are the master weights in every precision mode; a base that stays
-    frozen (LoRA) needs only the 16 bits its passes compute in.
+    frozen (LoRA) needs only the 16 bits its passes compute in; "auto": the dtype its files hold.
     """
-    _check_model_folder(folder)
+    check_model_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as err:  # transformers raises many kinds (bad config, missing or damaged weights, unknown type)
@@ -98,7 +99,12 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
     return model
 
 
-def _check_model_folder(folder: str) -> None:
+def check_model_folder(folder: str) -> None:
+    """A UserError unless `folder` holds a HuggingFace model's config.json (train.init_from)."""
+    if (Path(folder) / "adapter_config.json").is_file() and not (Path(folder) / "config.json").is_file():
+        raise UserError(f"train.init_from = {folder!r} holds a LoRA adapter, not a model: point it at a merged "
+                        "model (train.export: merged or both writes one), or at the adapter's base model (its "
+                        "adapter_config.json names it) to train a new LoRA")
     if not (Path(folder) / "config.json").is_file():
         raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
                         "folder (with config.json and model.safetensors)")
@@ -134,7 +140,9 @@ def keeps_documents_apart(model: PreTrainedModel) -> bool:
             alone = model.base_model(input_ids=ids[:, 3:], use_cache=False).last_hidden_state
     finally:
         model.train(was_training)
-    return torch.allclose(packed[:, 3:].float(), alone.float(), rtol=1e-3, atol=1e-4)
+    # A 16-bit base (a LoRA's) rounds differently in the two shapes; documents that saw each other differ by far more.
+    tolerance = 1e-4 if packed.dtype == torch.float32 else 2e-2
+    return torch.allclose(packed[:, 3:].float(), alone.float(), rtol=10 * tolerance, atol=tolerance)
 
 
 def has_plain_head(model: PreTrainedModel) -> bool:

@@ -129,6 +129,24 @@ class ModelParams:
     tie_embeddings: bool = True
 
 
+def _module_names(value: Any) -> bool:
+    return value == "auto" or (isinstance(value, list) and bool(value) and
+                               all(isinstance(name, str) and name for name in value))
+
+
+@dataclass
+class LoraParams:
+    """LoRA adapters on a frozen pretrained model (train.init_from): rank 0 trains every weight instead."""
+
+    r: int = _param(0, "0 (off: a full fine-tune) or >= 1", lambda v: v >= 0)
+    alpha: float = _param(16.0, **_positive())  # the adapters' output is scaled by alpha / r
+    dropout: float = _param(0.05, "in [0, 1)", lambda v: 0 <= v < 1)  # on each adapter's input, in training
+    # auto: the attention and MLP projections (every linear layer of the transformer blocks); or a list of layer
+    # names (q_proj, v_proj, ...): stages/lib/lora.py
+    target_modules: str | list = _param("auto", "'auto' or a list of linear layer names such as [q_proj, v_proj]",
+                                        _module_names)
+
+
 @dataclass
 class TrainParams:
     """One training session per run, resuming from the last checkpoint until the step budget is spent."""
@@ -136,6 +154,10 @@ class TrainParams:
     model_name: str = "sample-arith"
     init_from: str = ""  # a local HuggingFace model folder to fine-tune; empty builds `model` from scratch
     model: ModelParams = field(default_factory=ModelParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    # What models/<model_name>/ holds: the model (a LoRA merged into it), the LoRA adapter in PEFT's layout, or
+    # both (the adapter in its adapter/ folder)
+    export: Literal["merged", "adapter", "both"] = "merged"
     seq_len: int = _param(128, **_at_least(1))
     # How samples are cut from the token files (stages/lib/batches.py): windows of the token stream, or whole
     # documents with attention kept inside each; auto: documents when the data has prompts (instruction, chat).
@@ -324,6 +346,18 @@ def _check_across_sections(params: Params, source: str) -> None:
     if train.min_lr > train.lr:
         raise ParamError(f"{source}: train.min_lr = {train.min_lr} is above train.lr = {train.lr}; "
                          "expected min_lr <= lr")
+    if train.lora.r and not train.init_from:
+        raise ParamError(f"{source}: train.lora.r = {train.lora.r} trains LoRA adapters on a pretrained model, but "
+                         "train.init_from is empty; set it to the model's folder (or set train.lora.r: 0 to train "
+                         "a new model from train.model)")
+    if train.init_from and Path(train.init_from).resolve() == (MODELS_DIR / train.model_name).resolve():
+        raise ParamError(f"{source}: train.init_from = {train.init_from!r} is the folder this run exports to "
+                         f"(train.model_name = {train.model_name!r}): every session would replace its own base. "
+                         f"Copy the model to continue from (cp -r {train.init_from} models/{train.model_name}-base) "
+                         "and point train.init_from there, or give this run another train.model_name")
+    if train.export != "merged" and not train.lora.r:
+        raise ParamError(f"{source}: train.export = {train.export!r} exports a LoRA adapter, but train.lora.r is 0 "
+                         "(no adapters); set train.lora.r (e.g. 16) or train.export: merged")
     model = train.model
     if not train.init_from:
         if model.hidden_size % model.n_head:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stages.lib import checkpoint_store as store
 from stages.lib.decision import Decision, Inputs, decide
+from stages.lib.export_layout import holds
 from stages.lib.hashing import model_digest
 from stages.lib.live_logs import has_logs
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams
@@ -37,7 +38,7 @@ def nothing_to_train(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenize
         return None
     meta = read_meta(tokens_dir)
     found_dir = Path(train.checkpoint_dir)
-    if not found_dir.is_dir() or not (Path(models_dir) / train.model_name / "config.json").exists():
+    if not found_dir.is_dir() or not holds(Path(models_dir) / train.model_name, train.export):
         return None
     if train.total_step_budget == 0 and packing_for(meta, train.packing) == "documents":
         return None  # the run's length depends on how documents pack, which the full path computes

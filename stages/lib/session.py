@@ -28,7 +28,7 @@ from stages.lib.params import TrainParams
 from stages.lib.precision import LossScaler, Precision
 from stages.lib.progress import Progress
 from stages.lib.schedule import Schedule, time_for_another_step
-from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session
+from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session, stored_bytes
 from stages.lib.stop import StopRequest
 
 SAVE_BYTES_PER_SECOND = 100e6  # a cautious disk speed, to reserve time for a save before one has been timed
@@ -107,9 +107,9 @@ class Session:
         self.progress: Progress | None = None
 
     def _closing_guesses(self) -> dict:
-        # Before they are timed: a checkpoint writes fp32 weights and two Adam moments, an export the weights.
-        weights = 4 * sum(p.numel() for p in self.model.parameters())
-        guesses = {"save": 3 * weights / SAVE_BYTES_PER_SECOND + 1.0, "export": weights / SAVE_BYTES_PER_SECOND + 1.0}
+        # Before they are timed: a checkpoint writes the trained tensors and two Adam moments, an export the weights.
+        checkpoint, export = stored_bytes(self.model, self.train.export)
+        guesses = {"save": checkpoint / SAVE_BYTES_PER_SECOND + 1.0, "export": export / SAVE_BYTES_PER_SECOND + 1.0}
         return {**guesses, "eval": 1.0} if self.val else guesses
 
     def run(self, start: int, end: int) -> SessionResult:
@@ -221,10 +221,8 @@ class Session:
 
     def _report_plan(self, live, step: int, start: int, end: int) -> None:
         """Print and log the session plan (stages/lib/session_plan.py) from the steps timed so far."""
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         plan = plan_session(step, start, end, self.plan.total_steps, self.timer.step_times, time.monotonic(),
-                            self.timer.deadline, self.timer.reserve(), weights, trained)
+                            self.timer.deadline, self.timer.reserve(), *stored_bytes(self.model, self.train.export))
         lines = plan_lines(plan)
         if self.device.type == "cuda":
             lines.append(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB "

@@ -2,8 +2,9 @@
 end and what ends it, how many more sessions of this length the budget needs, and what each session adds to DVC's
 cache. Pure functions of numbers the session measures; no I/O.
 
-Every session stores a new checkpoint (fp32 weights and AdamW's two moments: 12 bytes per trained parameter) and a
-new export (the weights again) in DVC's cache, and in the remote after `dvc push`, until `dvc gc` reclaims them.
+Every session stores a new checkpoint (the trained tensors in fp32 and AdamW's two moments: 12 bytes per trained
+parameter, all of them or a LoRA's adapters) and a new export (the weights again, or a LoRA's adapters) in DVC's
+cache, and in the remote after `dvc push`, until `dvc gc` reclaims them.
 """
 
 import math
@@ -33,8 +34,17 @@ class SessionPlan:
         return self.checkpoint_bytes + self.export_bytes
 
 
+def stored_bytes(model, export: str = "merged") -> tuple[int, int]:
+    """(checkpoint, export) bytes of a session of `model`: 12 bytes per trained parameter; the weights as held (a
+    merged export, whose base is as big as it is held here), the adapters (`adapter`), or both (train.export)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    merged = frozen or 4 * trained  # a LoRA's merged export is the base's size
+    return 12 * trained, {"merged": merged, "adapter": 4 * trained, "both": merged + 4 * trained}[export]
+
+
 def plan_session(step: int, start: int, end: int, total: int, step_times: list[float], now: float,
-                 deadline: float, reserve: float, weight_bytes: int, trained_parameters: int) -> SessionPlan:
+                 deadline: float, reserve: float, checkpoint_bytes: int, export_bytes: int) -> SessionPlan:
     """The plan at `step` of a session that began at `start` and stops at `end` (steps_today / budget) or at the
     `deadline` (time.monotonic(); inf: none) less the `reserve` its closing eval, save and export need."""
     timed = step_times[1:] or step_times  # the first step carries the warm-up
@@ -46,8 +56,7 @@ def plan_session(step: int, start: int, end: int, total: int, step_times: list[f
             session_end, ends_by = by_time, "minutes_today"
     length = max(1, session_end - start)
     return SessionPlan(step, per_step, session_end, ends_by, (session_end - step) * per_step, total,
-                       math.ceil((total - session_end) / length), weight_bytes + 8 * trained_parameters,
-                       weight_bytes)
+                       math.ceil((total - session_end) / length), checkpoint_bytes, export_bytes)
 
 
 def plan_lines(plan: SessionPlan, wall_clock: float | None = None) -> list[str]:

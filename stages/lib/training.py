@@ -6,7 +6,8 @@ The story of a session, and where each part lives:
 2. decide, once, on rank 0: the run's fingerprint and plan, the checkpoint to resume and this session's grad_accum
    (stages/lib/decision.py, from the inputs read by stages/lib/preflight.py; the checkpoint format is
    stages/lib/checkpoint.py);
-3. build the model (stages/lib/model.py), wrap it for the processes (parallel.py), restore the checkpoint;
+3. build the model (stages/lib/model.py; with train.lora, adapters on the frozen base: lora.py), wrap it for the
+   processes (parallel.py), restore the checkpoint;
 4. find today's time limit when `train.minutes_today` is auto (stages/lib/deadline.py);
 5. run the loop (stages/lib/session.py), then export (stages/lib/export.py), draw the loss curves
    (stages/lib/loss_plot.py) and print the summary (stages/lib/summary.py).
@@ -27,13 +28,14 @@ import torch
 
 from stages.lib import checkpoint as ckpt
 from stages.lib import checkpoint_store as store
-from stages.lib import memory
+from stages.lib import lora, memory
 from stages.lib.batches import TrainBatches, describe_samples, split_samples
 from stages.lib.deadline import session_minutes
 from stages.lib.decision import Decision, decide
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError
 from stages.lib.export import export_model
+from stages.lib.export_layout import holds
 from stages.lib.files import folder_size
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.loss_plot import write_loss_plot
@@ -117,14 +119,16 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
         end = session_end(start, total, train.steps_today)
         if world.is_main:
             print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
-                  f"on {world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters",
-                  flush=True)
+                  f"on {world.describe(train.strategy)} ({precision.describe()}), {parameters:,} parameters"
+                  + (f", {_adapter_parameters(trainee):,} of them in the LoRA adapters that train" if train.lora.r
+                     else ""), flush=True)
             for line in [describe_samples(train_samples.facts(), train.seq_len), *dominant_documents(meta)]:
                 print(line, flush=True)
         result = session.run(start, end)
     if result.trained and world.is_main:
-        export_model(_model_to_export(session, train, decision), tokenizer_dir, export_dir, trust_remote_code)
-        print(f"exported the model at step {result.end_step} to {export_dir}/")
+        _export(_model_to_export(session, train, decision), train, tokenizer_dir, export_dir, trust_remote_code)
+        print(f"exported the model at step {result.end_step} to {export_dir}/ ({folder_size(export_dir) / 1e6:,.1f} MB"
+              + (", the adapter" if train.export == "adapter" else "") + ")")
         store.note_recorded(recovery_dir, session.last_state)
         write_loss_plot(live_dir)
         print("\n".join(summary_lines(_numbers(session, result, live_dir))), flush=True)
@@ -181,7 +185,8 @@ def check_memory(train: TrainParams, decision: Decision, world: World,
     settings that would fit when it does not fit the device's free memory."""
     shape = memory.model_shape(model_config(train, decision.vocab_size, decision.special_ids))
     setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
-                         train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1)
+                         train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1,
+                         **lora.checked_plan_settings(train, decision.vocab_size, shape))
     free = memory.available_memory(world.device)
     if world.device.type == "cpu":  # the processes of this machine share its memory
         free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -214,7 +219,10 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     """The run's model, optimizer and loss scaler on this process, wrapped for the processes, with the checkpoint
     restored."""
     _seed_everything(train.seed)
-    model = build_model(train, decision.vocab_size, decision.special_ids)
+    model = build_model(train, decision.vocab_size, decision.special_ids,
+                        dtype=lora.base_dtype(train, precision.autocast_dtype))
+    if train.lora.r:
+        lora.add_adapters(model, train.lora)
     model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
     if decision.plan.values["packing"] == "documents":
         if not keeps_documents_apart(model):
@@ -226,7 +234,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
         checkpoint_activations(model)
     parallel = parallel_model(model, world, train.strategy, train.compile)
     scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
-    trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler)
+    trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler,
+                           adapters=bool(train.lora.r))
     if decision.resume is not None:
         ckpt.restore(decision.resume, trainee)
     return trainee
@@ -246,7 +255,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _adapter_parameters(trainee: ckpt.Trainee) -> int:
+    return sum(p.numel() for p in trainee.parallel.model.parameters() if p.requires_grad)
+
+
+def _export(model, train: TrainParams, tokenizer_dir: Path, export_dir: Path, trust_remote_code: bool) -> None:
+    export_model(model, tokenizer_dir, export_dir, trust_remote_code, train.export, train.init_from)
+
+
 def _model_to_export(session: Session, train: TrainParams, decision: Decision):
+    if train.lora.r:  # the base as its files hold it (not as trained in 16 bits), with the adapters last saved
+        return lora.trained_model(train, decision.vocab_size, decision.special_ids, session.last_saved["adapters"])
     if session.parallel.strategy != "fsdp":
         return session.parallel.model
     # The shards are spread over the processes: a whole model from the weights the last save gathered.
@@ -259,13 +278,21 @@ def _model_with_weights(train: TrainParams, decision: Decision, weights: dict):
     return model
 
 
+def _saved_model(train: TrainParams, decision: Decision, folder: Path):
+    """The model of the checkpoint in `folder`, whole, on the CPU."""
+    if train.lora.r:
+        return lora.trained_model(train, decision.vocab_size, decision.special_ids, ckpt.read_adapters(folder))
+    return _model_with_weights(train, decision, ckpt.read_weights(folder))
+
+
 def _budget_spent(train: TrainParams, decision: Decision, tokenizer_dir: Path, export_dir: Path,
                   trust_remote_code: bool) -> SessionResult:
     step = decision.start_step
     print(budget_spent_message(decision, train))
-    if not (export_dir / "config.json").exists():
-        # DVC deletes a non-persistent output before running the stage: rebuild it, same bytes as before.
-        weights = ckpt.read_weights(decision.resume.path)
-        export_model(_model_with_weights(train, decision, weights), tokenizer_dir, export_dir, trust_remote_code)
+    if not holds(export_dir, train.export):
+        # DVC deletes a non-persistent output before running the stage, and train.export may have changed: rebuild
+        # it from the checkpoint, the same bytes as at the end of the session that saved it.
+        _export(_saved_model(train, decision, decision.resume.path), train, tokenizer_dir, export_dir,
+                trust_remote_code)
         print(f"re-exported the model at step {step} to {export_dir}/")
     return SessionResult(step, step, stopped_by="nothing-to-do")
