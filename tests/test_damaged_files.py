@@ -8,6 +8,7 @@ import pytest
 from stages.lib.errors import UserError
 from stages.lib.inference import choose_style
 from stages.lib.records import templates_used
+from stages.lib.token_files import FORMAT_VERSION as TOKEN_FORMAT
 from stages.lib.token_files import open_split, read_meta
 from train_helpers import make_tokenizer, make_workspace, read_tsv, run_stage, session
 
@@ -32,7 +33,7 @@ def test_a_meta_json_that_is_not_json(tmp_path):
 
 
 def test_a_bad_line_in_a_token_jsonl_names_its_line(tmp_path):
-    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": 8, "eos_id": 0, "tokenizer_fingerprint": "",
+    meta = {"format_version": TOKEN_FORMAT, "dtype": "uint16", "vocab_size": 8, "eos_id": 0, "tokenizer_fingerprint": "",
             "bin": False, "jsonl": True, "splits": {"train": {"documents": 2, "tokens": 4, "loss_tokens": 4,
                                                               "sha256": ""}}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
