@@ -3,6 +3,7 @@ adapters train, three sessions equal one bitwise (with grad_accum and activation
 holds the adapters alone, the merged export and the adapter on its base agree, and the settings are checked."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -102,7 +103,9 @@ def test_an_adapter_export_loads_for_evaluation_on_its_base_and_is_rebuilt_from_
     root = make_workspace(tmp_path / "w")
     session(root, **run)
     export = root / "models" / "tiny"
-    assert "the checkpoint takes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"exported the model at step 4 to \S+ \([\d.]+ MB, the adapter\)", out), out
+    assert re.search(r"checkpoint +\S*step-0*4 \([\d.]+ MB\)", out), out
     assert sorted(p.name for p in export.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                        "tokenizer.json", "tokenizer_config.json"]
     model, tokenizer = load_model(export)  # what the evaluate and generate stages load: the base with the adapter
