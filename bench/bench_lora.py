@@ -36,16 +36,16 @@ from bench_memory import _peak_allocated  # noqa: E402
 from bench_train import make_workspace  # noqa: E402
 from stages.lib import checkpoint_store as store  # noqa: E402
 from stages.lib import lora, memory  # noqa: E402
-from stages.lib.batches import TrainBatches, split_windows  # noqa: E402
+from stages.lib.batches import TrainBatches, split_samples  # noqa: E402
 from stages.lib.export import export_model  # noqa: E402
 from stages.lib.files import folder_size  # noqa: E402
 from stages.lib.model import model_config  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
 from stages.lib.precision import pick_precision  # noqa: E402
 from stages.lib.session import Session  # noqa: E402
-from stages.lib.token_files import read_meta  # noqa: E402
-from stages.lib.world import World  # noqa: E402
+from stages.lib.token_files import packing_for, read_meta  # noqa: E402
 from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
+from stages.lib.world import World  # noqa: E402
 
 SIZES = {
     "tiny": lambda: LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -81,8 +81,9 @@ def build_session(root: Path, case: dict, lora_r: int) -> Session:
     """A session of the run as the train stage builds it, on this process."""
     train = parse_params({"train": train_settings(root, case, lora_r)}).train
     tokens = root / "data" / "tokens"
-    windows = split_windows(tokens, "train", train.seq_len, required=True)
-    decision = decide_on_main(train, read_meta(tokens), windows.count, root / "data" / "tokenizer",
+    meta = read_meta(tokens)
+    windows = split_samples(tokens, "train", train.seq_len, packing_for(meta, train.packing), train.seed, required=True)
+    decision = decide_on_main(train, meta, windows.count, root / "data" / "tokenizer",
                               root / "recovery", False, 1)
     device = torch.device(case["device"])
     precision = pick_precision(train.precision, device, warn=False)

@@ -86,7 +86,7 @@ def validation_loss(forward, val: np.ndarray, seq_len: int, batch_size: int = 8)
 def run_ours(train_ids: np.ndarray, val_ids: np.ndarray, tokenizer_dir: Path, steps: int, ablate: set) -> dict:
     """Train with the train stage in a temporary workspace; validation loss of the result and tokens/s."""
     from stages.lib.loss import make_loss_fn
-    from stages.train import run_session
+    from stages.lib.training import run_session
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as patches:
         root = Path(tmp)
         shutil.copytree(tokenizer_dir, root / "tokenizer")
