@@ -177,11 +177,11 @@ def test_an_out_of_memory_error_becomes_advice_and_leaves_the_checkpoint_whole(t
     session(root, steps_today=4)
     forward, calls = LossModule.forward, []
 
-    def runs_out_at_the_third_step(self, inputs, labels):
+    def runs_out_at_the_third_step(self, *batch):
         calls.append(1)
         if len(calls) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return forward(self, inputs, labels)
+        return forward(self, *batch)
 
     monkeypatch.setattr(LossModule, "forward", runs_out_at_the_third_step)
     with pytest.raises(UserError, match=r"ran out of memory during the session \(the memory plan estimated .*\); "

@@ -42,7 +42,7 @@ def test_a_mixture_of_plain_text_without_held_out_prompts_runs_under_dvc_repro(r
         ("data/raw/a.txt", 2.0, False, 12), ("data/raw/b.txt", 1.0, False, 8), ("data/raw/val.txt", 1.0, True, 5)]
     meta = json.loads((repo / "data/tokens/meta.json").read_text())
     assert meta["splits"]["train"]["documents"] == 2 * 12 + 8 and meta["splits"]["val"]["documents"] == 5
-    metrics = json.loads((repo / "outputs/eval/metrics.json").read_text())
+    metrics = json.loads((repo / "outputs/eval/metrics.json").read_text())["eval"]
     assert metrics["n_prompts"] == 0 and metrics["exact_match"] is None and metrics["val_loss"] > 0
 
 

@@ -97,8 +97,8 @@ def test_two_ddp_processes_packing_whole_documents_train_as_one_process_does(tmp
     done = run_stage(two, steps_today=4, **TWO_PROCESSES)
     assert done.returncode == 0, done.stderr
     assert "packing: documents" in done.stdout and "2 processes (ddp, gloo)" in done.stdout
-    expected = load_file(one / "checkpoints" / ckpt.folder_name(4) / "model.safetensors")
-    for name, value in load_file(two / "checkpoints" / ckpt.folder_name(4) / "model.safetensors").items():
+    expected = load_file(one / "checkpoints" / store.folder_name(4) / "model.safetensors")
+    for name, value in load_file(two / "checkpoints" / store.folder_name(4) / "model.safetensors").items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
     assert [float(v) for _, v in read_tsv(two, "train/loss")] == pytest.approx(
         [float(v) for _, v in read_tsv(one, "train/loss")], rel=1e-5)
@@ -183,8 +183,13 @@ from stages.train import main
 
 if os.environ["RANK"] == "1":  # every target of this rank's micro-batch of step 1 is a prompt token
     original = batches.TrainBatches.micro_batch
-    batches.TrainBatches.micro_batch = lambda self, step, micro: (
-        lambda inputs, labels: (inputs, labels.fill_(-100) if step == 1 else labels))(*original(self, step, micro))
+
+    def masked(self, step, micro):
+        batch = original(self, step, micro)
+        if step == 1:
+            batch.labels.fill_(-100)
+        return batch
+    batches.TrainBatches.micro_batch = masked
 main()
 """
 

@@ -21,9 +21,9 @@ def test_instruction_data_is_packed_as_documents_and_three_sessions_equal_one(tm
     for day in range(3):
         result = session(split, steps_today=4)
         assert (result.start_step, result.end_step) == (4 * day, 4 * day + 4)
-    for name in ("model.safetensors", "optimizer.pt", "rng.json"):  # bit for bit
-        assert (split / "checkpoints" / "step-00000012" / name).read_bytes() == (
-            one / "checkpoints" / "step-00000012" / name).read_bytes(), name
+    last = "checkpoints/step-00000012"
+    for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.json"):  # bit for bit
+        assert (split / last / name).read_bytes() == (one / last / name).read_bytes(), name
     assert tree_bytes(split / "models") == tree_bytes(one / "models")
     for metric in ("train/loss", "val/loss", "grad_norm"):
         assert read_tsv(split, metric) == read_tsv(one, metric)
