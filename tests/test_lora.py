@@ -1,6 +1,7 @@
 """LoRA adapters (train.lora) on tiny random Llama, Qwen2 and Phi models built from their config classes: only the
-adapters train, three sessions equal one bitwise (with grad_accum and activation checkpointing too), the checkpoint
-holds the adapters alone, the merged export and the adapter on its base agree, and the settings are checked."""
+adapters train, three sessions equal one bitwise (with grad_accum, activation checkpointing and packed documents
+too), the checkpoint holds the adapters alone, the merged export and the adapter on its base agree, and the settings
+are checked."""
 
 import json
 import re
@@ -83,15 +84,17 @@ def test_lora_trains_its_adapters_alone_resumes_bitwise_over_three_sessions_and_
     assert not torch.allclose(logits(base, tokens), logits(merged, tokens), atol=1e-3)
 
 
-def test_with_grad_accum_and_activation_checkpointing_three_sessions_equal_one_bitwise(tmp_path):
+def test_with_grad_accum_activation_checkpointing_and_packed_documents_three_sessions_equal_one_bitwise(tmp_path):
     base_model("llama", tmp_path / "base")
     run = lora_run(tmp_path / "base", batch_size=2, grad_accum=2, activation_checkpointing=True, export="merged")
-    whole, split = make_workspace(tmp_path / "whole"), make_workspace(tmp_path / "split")
+    # Instruction data: train.packing auto packs whole documents.
+    whole, split = make_workspace(tmp_path / "whole", prompts=True), make_workspace(tmp_path / "split", prompts=True)
     session(whole, **run)
     # Activation checkpointing only shapes a session: switched off for the middle one, the run is the same.
     for checkpointing in (True, False, True):
         session(split, steps_today=2, **{**run, "activation_checkpointing": checkpointing})
     last = "checkpoints/step-00000006"
+    assert json.loads((whole / last / "state.json").read_text())["fingerprint_values"]["packing"] == "documents"
     for name in SAME_RUN_FILES:
         assert (split / last / name).read_bytes() == (whole / last / name).read_bytes(), name
     assert tree_bytes(split / "models" / "tiny") == tree_bytes(whole / "models" / "tiny")
