@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stages.lib.batches import IGNORE_INDEX, Batch, Samples, split_samples
 from stages.lib.errors import UserError, run_stage
@@ -42,6 +41,7 @@ from stages.lib.files import write_atomically
 from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
 from stages.lib.loss import make_loss_fn
 from stages.lib.params import MODELS_DIR, TOKENS_DIR, RenderParams, load_params
+from stages.lib.progress import bar
 from stages.lib.token_files import packing_for, read_meta
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
@@ -79,8 +79,8 @@ def validation_loss(model, samples: Samples | None, batch_size: int) -> dict:
     loss_sum = make_loss_fn(model)
     total, counted = 0.0, 0
     count = samples.count if samples is not None else 0
-    for at in tqdm(range(0, count, batch_size), desc="val loss", unit="batch", leave=False,
-                   disable=count <= batch_size):
+    for at in bar(range(0, count, batch_size), desc="val loss", unit="batch", leave=False,
+                  disable=count <= batch_size):
         chosen = np.arange(at, min(at + batch_size, count))
         batch = scored_rows(samples.gather(chosen, np.zeros(len(chosen), np.int64)))
         if batch is None:
@@ -184,8 +184,8 @@ def answer_heldout(model, tokenizer, examples: list[dict], max_new_tokens: int, 
                                                           ["input_ids"]))
     answers = [""] * len(prompts)
     decoding = Decoding(max_new_tokens=max_new_tokens)
-    for at in tqdm(range(0, len(order), batch_size), desc="held-out prompts", unit="batch", leave=False,
-                   disable=not order):
+    for at in bar(range(0, len(order), batch_size), desc="held-out prompts", unit="batch", leave=False,
+                  disable=not order):
         batch = order[at:at + batch_size]
         for i, text in zip(batch, generate_texts(model, tokenizer, [prompts[i] for i in batch], decoding)):
             answers[i] = text

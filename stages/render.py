@@ -41,13 +41,12 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
-from tqdm import tqdm
-
 from stages.lib.errors import UserError, run_stage
 from stages.lib.fields import KINDS, Mapping, detect_kind, unknown_shape
 from stages.lib.files import replaced_file
 from stages.lib.params import RENDERED_DIR, Params, RenderParams, load_params
 from stages.lib.pieces import PIECE_BYTES, Piece, expanded, file_layout, plan_file, read_piece
+from stages.lib.progress import bar
 from stages.lib.readers import Location, RecordError, open_parquet, split_suffix
 from stages.lib.records import RECORDS_FILE, STATS_FILE
 from stages.lib.render_stats import Stats
@@ -75,9 +74,9 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
     pieces = plan(sources, mappings, params.render, stats, piece_bytes)
     total = sum(p.input_bytes for p in pieces)
     workers = worker_count(params.render.workers, pieces)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="render", file=sys.stderr, dynamic_ncols=True,
-               mininterval=0.5, disable=total < PARALLEL_FROM_BYTES)
-    with replaced_file(out_dir / RECORDS_FILE) as out, bar, _tokenizer_loaded_once(params, workers), \
+    shown = bar(total=total, unit="B", unit_scale=True, desc="render", mininterval=0.5,
+                disable=total < PARALLEL_FROM_BYTES)
+    with replaced_file(out_dir / RECORDS_FILE) as out, shown, _tokenizer_loaded_once(params, workers), \
             tempfile.TemporaryDirectory(dir=out_dir, prefix=".render-parts-") as parts:
         # One process writes straight to the output; workers write each piece to a part file, copied in order.
         output = out if workers == 1 else Path(parts)
@@ -94,7 +93,7 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
                 os.unlink(part)
             piece_stats.written_by_source[piece.source] = piece_stats.records_written
             stats.merge(piece_stats)
-            bar.update(piece.input_bytes)
+            shown.update(piece.input_bytes)
         if stats.records_written == 0:
             raise UserError(f"no records were rendered from {_what(params.render)} ({stats.records_read} read, "
                             f"{stats.records_skipped} skipped): the data is empty or every record was bad")

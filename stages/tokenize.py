@@ -18,7 +18,6 @@ How it stays fast and bounded in memory:
 import hashlib
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,13 +26,13 @@ from typing import Any, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from stages.lib.encoders import encoder_for
 from stages.lib.errors import UserError, run_stage
 from stages.lib.files import replaced_folder
 from stages.lib.mixture import read_spans, validation_split, weighted
 from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
+from stages.lib.progress import bar
 from stages.lib.records import RECORDS_FILE, Document, as_document, parse_record
 from stages.lib.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
@@ -319,8 +318,7 @@ class _Progress:
     """A tqdm bar over the records' bytes (so it shows MB/s), with tokens/s beside it."""
 
     def __init__(self, total_bytes: int):
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
-                        dynamic_ncols=True, mininterval=0.5)
+        self.bar = bar(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", mininterval=0.5)
         self.tokens = 0
         self.started = time.monotonic()
 

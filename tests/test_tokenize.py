@@ -335,6 +335,7 @@ def test_stage_entry_point_reads_params_and_reports(corpus, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "train: 36 documents" in done.stdout and "val: 4 documents" in done.stdout
+    assert "%|" not in done.stderr  # written to a file, not a terminal: no progress bar
     assert (tmp_path / "data" / "tokens" / "val.jsonl").exists()
     (tmp_path / "params.yaml").write_text("tokenize:\n  val_ratio: 0.1\n")
     (tmp_path / "data" / "rendered" / "records.jsonl").write_text("")

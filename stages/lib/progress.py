@@ -6,7 +6,9 @@ cluster job's log, CI), a bar is one endless line of carriage returns, so instea
 
     step 120/1000: train/loss 2.3456, lr 2.90e-03, 12,345 tokens/s
 
-Events (a validation loss, a checkpoint saved) are one line each in both cases, printed as they happen.
+Events (a validation loss, a checkpoint saved) are one line each in both cases, printed as they happen. The other
+stages' bars (render, tokenize, evaluate) come from `bar`: on a terminal only, since each of those stages ends with
+a summary line.
 """
 
 import sys
@@ -47,6 +49,11 @@ class Progress:
             self.bar.write(text)
         else:
             print(text, flush=True)
+
+
+def bar(iterable=None, disable: bool = False, **options) -> tqdm:
+    """A tqdm bar on stderr when it is a terminal; in a file none (a log of carriage returns helps nobody)."""
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, disable=disable or not sys.stderr.isatty(), **options)
 
 
 def step_line(step: int, total: int, loss: float, lr: float, tokens_per_sec: float) -> str:
