@@ -79,7 +79,7 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
                     ids, mask, doc_lengths = encode_documents(tok, docs, dtype, params.train_on_prompt)
                     writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs))
                     progress.advance(nbytes, len(ids))
-            meta["splits"][split] = writer.summary()
+            meta["splits"][split] = writer.summary(records=order)
             for longest in meta["splits"][split]["longest_documents"]:
                 longest["source"] = record_source(records_path, int(starts[order[longest["index"]]]),
                                                   int(lengths[order[longest["index"]]]))

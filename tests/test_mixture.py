@@ -64,6 +64,15 @@ def test_weights_repeat_and_subsample_each_sources_documents():
     assert sorted(from_a) == [2] * 10 and sorted(from_b) == [1] * 5 and sorted(from_c) == [1, 1, 2, 2]
 
 
+def test_a_record_the_weights_repeat_is_named_once_among_the_longest_documents():
+    write("raw/a.txt", "".join(f"{' '.join(WORDS[:n])}\n\n" for n in (9, 7, 5, 3)))
+    write("raw/b.txt", paragraphs(100, 4))
+    meta = mixture(sources=[{"path": "raw/a.txt", "weight": 3}, {"path": "raw/b.txt"}])
+    longest = meta["splits"]["train"]["longest_documents"]
+    assert [d["source"] for d in longest] == ["raw/a.txt:1", "raw/a.txt:3", "raw/a.txt:5"]
+    assert [d["tokens"] for d in longest] == [10, 8, 6]  # the words and EOS
+
+
 def test_the_seeded_subset_follows_the_seed_and_the_split_is_drawn_before_weighting():
     spans = [SourceSpan("a", 1.0, False, 10), SourceSpan("b", 0.5, False, 10)]
     training = np.arange(20)

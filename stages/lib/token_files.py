@@ -98,11 +98,16 @@ class SplitWriter:
             if f is not None:
                 f.close()
 
-    def summary(self) -> dict:
+    def summary(self, records: np.ndarray | None = None) -> dict:
         """This split's entry for meta.json. `longest_documents` gives each one's index in the split; the tokenize
-        stage adds where it came from."""
+        stage adds where it came from. `records`: the record each document was made from, so that a record a
+        mixture repeats (a source's weight above 1) is named once."""
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
-        longest = np.argsort(-lengths, kind="stable")[:LONGEST_KEPT]
+        longest = np.argsort(-lengths, kind="stable")
+        if records is not None:
+            _, first = np.unique(np.asarray(records)[longest], return_index=True)
+            longest = longest[np.sort(first)]
+        longest = longest[:LONGEST_KEPT]
         figures = {"median": int(np.median(lengths)), "p99": int(np.percentile(lengths, 99, method="higher")),
                    "max": int(lengths.max())} if len(lengths) else {"median": 0, "p99": 0, "max": 0}
         return {"documents": self.documents, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
