@@ -12,7 +12,7 @@ from stages.lib.errors import UserError
 from stages.lib.files import write_atomically
 from stages.lib.model import new_model
 from stages.lib.params import ModelParams
-from stages.lib.precision import LossScaler, pick_precision, precision_for
+from stages.lib.precision import LossScaler, inference_dtype, pick_precision, precision_for
 from train_helpers import make_workspace, read_tsv, run_stage, session
 
 T4, V100, P100, GTX1080, A100, H100 = (7, 5), (7, 0), (6, 0), (6, 1), (8, 0), (9, 0)
@@ -31,6 +31,14 @@ def test_auto_is_bf16_from_compute_capability_8_fp16_on_older_gpus_with_fast_fp1
         "fp32", "fp32", "fp16", "fp16", "fp16", "bf16", "bf16"]
     assert [precision_for(mode, A100) for mode in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
     assert precision_for("fp16", T4) == "fp16"
+
+
+def test_an_exported_model_generates_in_fp32_on_cpus_and_bf16_weights_in_fp16_on_gpus_without_native_bf16():
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert [inference_dtype(bf16, c) for c in (None, GTX1080, P100, V100, T4, A100, H100)] == [
+        fp32, fp32, fp16, fp16, fp16, bf16, bf16]
+    assert [inference_dtype(fp16, c) for c in (None, T4, A100)] == [fp32, fp16, fp16]
+    assert [inference_dtype(fp32, c) for c in (None, T4, A100)] == [fp32, fp32, fp32]
 
 
 def test_bf16_on_a_gpu_that_only_emulates_it_is_an_error_that_says_why_and_suggests_fp16():

@@ -17,6 +17,7 @@ from stages.lib import templates
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError
 from stages.lib.params import RENDERED_DIR
+from stages.lib.precision import inference_dtype
 from stages.lib.records import templates_used
 
 
@@ -44,7 +45,7 @@ def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: s
     torch_device = pick_device(device)
     hf_logging.disable_progress_bar()  # a bar per weight file is noise here
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except OSError as err:
         if not adapter.is_file():
             raise
@@ -52,9 +53,8 @@ def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: s
         raise UserError(f"{model_dir} holds a LoRA adapter whose base model, {base!r}, cannot be loaded from here "
                         f"({str(err).splitlines()[0][:200]}): run from the repository root where train.init_from "
                         "points at it, or export the merged model (train.export: merged or both)") from None
-    if torch_device.type == "cpu":
-        model = model.float()  # bf16 matmuls are very slow on CPUs
-    model.to(torch_device).eval()
+    capability = torch.cuda.get_device_capability(torch_device) if torch_device.type == "cuda" else None
+    model.to(device=torch_device, dtype=inference_dtype(model.dtype, capability)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise UserError(f"{model_dir}: the tokenizer has no EOS token, so generation could never stop; "

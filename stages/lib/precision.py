@@ -90,6 +90,17 @@ def has_fast_fp16(capability: tuple[int, int]) -> bool:
     return capability >= (7, 0) or capability == (6, 0)
 
 
+def inference_dtype(weights: torch.dtype, capability: tuple[int, int] | None) -> torch.dtype:
+    """The dtype to generate in, for a model whose files hold `weights`, on a GPU of compute `capability` (None: a
+    CPU): fp32 on a CPU (16-bit matmuls are slow there); bf16 weights on a GPU without native bf16 in fp16 where it
+    computes fast (a T4 or V100; bf16's range fits a trained model's weights and activations), else fp32."""
+    if capability is None:
+        return torch.float32
+    if weights == torch.bfloat16 and capability < NATIVE_BF16:
+        return torch.float16 if has_fast_fp16(capability) else torch.float32
+    return weights
+
+
 class LossScaler:
     """fp16's dynamic loss scaling around the optimizer step, and the run's count of skipped steps.
 
