@@ -188,7 +188,7 @@ def bench_loop(name: str, rounds: int, steps: int, device: torch.device, precisi
         ours.step(0), base.step(0)  # warm-up: first-call allocations
         times = {"peak": [], "ours": [], "baseline": []}
         for r in range(rounds):
-            times["peak"].append(matmul_gflops(device, precision.autocast_dtype or torch.float32))
+            times["peak"].append(matmul_gflops(device, ours.precision.autocast_dtype or torch.float32))
             for loop, run in (("ours", ours), ("baseline", base)):
                 times[loop].append(statistics.median(_timed(lambda s=s: run.step(s), device)
                                                      for s in range(1, steps + 1)))
