@@ -23,7 +23,7 @@ def test_the_summary_says_what_the_session_did_to_the_run():
         "session summary: steps 400 -> 600 of 1000 (stopped by steps_today)",
         "  tokens      409,600 this session, 1,228,800 in all",
         "  train/loss  2.5120 -> 2.1010",
-        "  val/loss    - -> 2.2500",
+        "  val/loss    2.2500",  # no validation before this session: its value alone
         "  time        3 min training, 0.900 s per step",  # 182 s in all; the first step's warm-up left out
         "  checkpoint  checkpoints/step-00000600 (14.2 MB)",
         "  left        400 steps: 2 more sessions of this length",

@@ -67,7 +67,7 @@ def summary_lines(n: SessionNumbers) -> list[str]:
              _row("tokens", f"{done * n.tokens_per_step:,} this session, {n.end_step * n.tokens_per_step:,} in all")]
     for metric, (then, now) in n.losses.items():
         if now is not None:
-            lines.append(_row(metric, f"{loss_text(then)} -> {loss_text(now)}"))
+            lines.append(_row(metric, loss_text(now) if then is None else f"{loss_text(then)} -> {loss_text(now)}"))
     per_step = seconds_per_step(n.step_seconds)
     if per_step is not None:
         lines.append(_row("time", f"{duration(sum(n.step_seconds))} training, {per_step:.3f} s per step"))
