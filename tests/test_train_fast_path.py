@@ -92,3 +92,25 @@ def test_a_spent_session_answers_without_importing_torch(spent, tmp_path):
     assert "the run's budget of 12 steps is spent" in done.stdout
     assert "raise train.total_step_budget" in done.stdout
     assert "imported: []" in done.stdout
+
+
+def test_a_spent_lora_fine_tune_answers_without_importing_torch_and_a_new_export_kind_takes_the_full_path(tmp_path):
+    from test_families import base_model
+    base_model("llama", tmp_path / "base")
+    run = {"init_from": str(tmp_path / "base"), "lora": {"r": 4, "alpha": 8.0}, "total_step_budget": 4,
+           "export": "adapter"}
+    root = make_workspace(tmp_path / "w")
+    session(root, **run)
+
+    def spent_run(**changes):
+        write_params(root, **{**run, **changes})
+        done = subprocess.run([sys.executable, "-c", SPENT_STAGE_IMPORTS_NO_TORCH], cwd=root, env=stage_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "the run's budget of 4 steps is spent" in done.stdout
+        return done.stdout
+
+    assert "imported: []" in spent_run()  # the base's content hash and the adapter export need no torch
+    out = spent_run(export="merged")  # the export asked for is not there: the full path rebuilds it
+    assert "re-exported the model at step 4" in out and "imported: []" not in out
+    assert (root / "models" / "tiny" / "config.json").is_file()

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from stages.lib import lora
-from stages.lib.export_layout import ADAPTER_DIR
 from stages.lib.files import replaced_folder
+from stages.lib.model_folders import ADAPTER_DIR
 from stages.lib.templates import stop_token_ids
 
 

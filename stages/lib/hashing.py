@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from stages.lib.files import write_atomically
+from stages.lib.model_folders import check_model_folder
 
 CACHE_FILE = Path(".stepwise-cache") / "hashes.json"
 # What defines a pretrained model folder's weights: its config and weight files (not its README or tokenizer).
@@ -22,7 +23,6 @@ BLOCK = 16 << 20
 
 def model_digest(folder: str | Path, cache_file: Path = CACHE_FILE) -> str:
     """One sha256 over the config and weight files of a model folder (names and contents), cached per file."""
-    from stages.lib.model import check_model_folder  # transformers, which the rest of this module does not need
     check_model_folder(str(folder))
     folder = Path(folder)
     files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})

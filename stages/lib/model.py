@@ -6,12 +6,12 @@ PLAIN_HEAD_MODELS, and the chunked loss (stages/lib/loss.py) then computes exact
 would.
 """
 
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel
 
 from stages.lib.errors import UserError
+from stages.lib.model_folders import check_model_folder
 from stages.lib.params import ModelParams, TrainParams
 
 # Model families whose logits are exactly `lm_head(last hidden state)`, an nn.Linear (Phi's has a bias; no scaling
@@ -97,17 +97,6 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
         model.resize_token_embeddings(vocab_size)
     model.config.use_cache = False
     return model
-
-
-def check_model_folder(folder: str) -> None:
-    """A UserError unless `folder` holds a HuggingFace model's config.json (train.init_from)."""
-    if (Path(folder) / "adapter_config.json").is_file() and not (Path(folder) / "config.json").is_file():
-        raise UserError(f"train.init_from = {folder!r} holds a LoRA adapter, not a model: point it at a merged "
-                        "model (train.export: merged or both writes one), or at the adapter's base model (its "
-                        "adapter_config.json names it) to train a new LoRA")
-    if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"train.init_from = {folder!r}: no config.json there; expected a local HuggingFace model "
-                        "folder (with config.json and model.safetensors)")
 
 
 def pick_document_attention(model: PreTrainedModel, device: torch.device, autocast_dtype: torch.dtype | None) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from stages.lib import checkpoint_store as store
 from stages.lib.decision import Decision, Inputs, decide
-from stages.lib.export_layout import holds
 from stages.lib.hashing import model_digest
 from stages.lib.live_logs import has_logs
+from stages.lib.model_folders import holds
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, TrainParams
 from stages.lib.token_files import packing_for, read_meta
 

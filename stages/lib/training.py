@@ -35,12 +35,12 @@ from stages.lib.decision import Decision, decide
 from stages.lib.devices import pick_device
 from stages.lib.errors import UserError
 from stages.lib.export import export_model
-from stages.lib.export_layout import holds
 from stages.lib.files import folder_size
 from stages.lib.launcher import exit_code_to_report, launch, processes_to_start, under_torchrun
 from stages.lib.loss_plot import write_loss_plot
 from stages.lib.model import (build_model, checkpoint_activations, keeps_documents_apart, model_config,
                               pick_document_attention, tied_names)
+from stages.lib.model_folders import holds
 from stages.lib.parallel import parallel_model
 from stages.lib.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, Params, TrainParams
 from stages.lib.precision import LossScaler, Precision, pick_precision
