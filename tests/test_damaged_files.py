@@ -86,3 +86,22 @@ def test_native_windows_stops_at_start_pointing_to_wsl(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         errors.run_stage(lambda: pytest.fail("a stage must not start on native Windows"))
     assert stopped.value.code == 1 and "run it in WSL 2" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_a_message_saying_nothing_complete_was_replaced_and_what_to_do(capsys):
+    import errno
+
+    from stages.lib import errors
+
+    def fills_the_disk():
+        raise OSError(errno.ENOSPC, "No space left on device", "checkpoints/.tmp-step-00000010/model.safetensors")
+
+    with pytest.raises(SystemExit) as stopped:
+        errors.run_stage(fills_the_disk)
+    message = capsys.readouterr().err
+    assert stopped.value.code == 1 and message.startswith("error: no space left on the device while writing "
+                                                          "checkpoints/.tmp-step-00000010/model.safetensors")
+    assert "the last complete checkpoint" in message and "dvc gc --workspace" in message
+    assert "Traceback" not in message
+    with pytest.raises(PermissionError):  # any other OSError is not ours to explain
+        errors.run_stage(lambda: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
