@@ -12,6 +12,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP_PARTS = {"tests", "bench", ".venv"}
+# Where the stages write (dvc.yaml's outs with the default params); data/sample and data/eval are inputs.
+PIPELINE_FOLDERS = ("data/rendered/", "data/tokenizer/", "data/tokens/", "checkpoints/", "outputs/", "models/")
 
 needs_dvc = pytest.mark.skipif(shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists(),
                                reason="needs the dvc command (pip install -r requirements.txt)")
@@ -35,10 +37,18 @@ def run(cwd: Path, *args: str, ok: bool = True) -> str:
 
 
 def project_files() -> list[str]:
-    """The project's files as a clone holds them (without the tests and benchmarks)."""
+    """The project's files as a fresh clone holds them: its sources, also ones not committed yet, without the tests
+    and benchmarks, and without what running the pipeline here wrote (a user runs the demo, then the tests)."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in listed if Path(f).parts[0] not in SKIP_PARTS and (REPO / f).is_file()]
+    return [f for f in listed if Path(f).parts[0] not in SKIP_PARTS and not pipeline_output(f) and (REPO / f).is_file()]
+
+
+def pipeline_output(path: str) -> bool:
+    """Whether `path` is something the pipeline or the session command writes (the folders' .gitignore files ship)."""
+    if path in ("dvc.lock", "outputs/sessions.jsonl"):
+        return True
+    return Path(path).name != ".gitignore" and path.startswith(PIPELINE_FOLDERS)
 
 
 def set_params(repo: Path, changes: dict) -> None:
