@@ -169,9 +169,6 @@ def extension_point(folder: Path, state: dict) -> str | None:
         if found.get("pre_decay") and found.get("run") == state.get("run") and found["step"] <= state["step"]:
             return path.name
     return None
-def folder_bytes(folder: Path) -> int:
-    """What the files of a checkpoint folder take (what a session adds to DVC's cache for it)."""
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def note_recorded(recovery_dir: Path, state: dict) -> None:
