@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from conftest import write_rendered
 from stages.lib.errors import UserError
 from stages.lib.params import TokenizeParams
-from stages.lib.token_files import document_starts, open_split, read_meta, token_dtype
+from stages.lib.token_files import open_split, read_meta, read_split, token_dtype
 from stages.lib.records import parse_record
 from stages.tokenize import load_tokenizer, response_token_mask, split_documents, tokenize_records
 from stages.tokenizer import train_bpe
@@ -276,8 +276,8 @@ def test_jsonl_holds_the_same_tokens_as_the_bin(corpus, tmp_path):
         jsonl_ids, jsonl_mask = open_split(tmp_path / "only", split)
         assert jsonl_ids.tolist() == bin_ids.tolist() and jsonl_mask.tolist() == bin_mask.tolist()
         starts = np.cumsum([0] + [len(line["ids"]) for line in lines])[:-1].tolist()
-        assert document_starts(tmp_path / "both", split).tolist() == starts
-        assert document_starts(tmp_path / "only", split).tolist() == starts
+        assert read_split(tmp_path / "both", split)[2].tolist() == starts
+        assert read_split(tmp_path / "only", split)[2].tolist() == starts
         assert both["splits"][split]["sha256"] == hashlib.sha256((tmp_path / "both" / f"{split}.bin")
                                                                  .read_bytes()).hexdigest()
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from stages.lib.errors import UserError
-from stages.lib.token_files import document_starts, open_split
+from stages.lib.token_files import read_split
 
 IGNORE_INDEX = -100  # the label that the loss skips (the HuggingFace convention)
 _OFFSETS, _PACKING = 1, 2  # tags that keep the random streams of epoch offsets and document order apart
@@ -223,8 +223,7 @@ def split_samples(tokens_dir: Path, split: str, seq_len: int, packing: str, seed
                   required: bool, max_tokens: int = 0) -> Samples | None:
     """The samples of one split of the token files (`packing`: stream or documents; `seed` None for validation),
     of its first `max_tokens` tokens only when that is > 0; None (or, when `required`, an error) when there is none."""
-    ids, mask = open_split(tokens_dir, split)
-    starts = document_starts(tokens_dir, split)
+    ids, mask, starts = read_split(tokens_dir, split)
     if max_tokens:
         ids, mask, starts = ids[:max_tokens], mask[:max_tokens], starts[starts < max_tokens]
     kind = PackedDocuments if packing == "documents" else StreamWindows

@@ -1,7 +1,7 @@
 """Token files (docs/formats.md, "Token files"): writing them as a stream, reading them back for training.
 
-The tokenize stage writes through `SplitWriter`; the train and evaluate stages read through `read_meta`,
-`open_split` and `document_starts`. Format 2 added where each document starts (`<split>.docs.bin`) and, per split,
+The tokenize stage writes through `SplitWriter`; the train and evaluate stages read through `read_meta` and
+`read_split` (`open_split`: the ids and mask alone). Format 2 added where each document starts (`<split>.docs.bin`) and, per split,
 the facts about document lengths and prompts that the train stage's packing and the tokenize summary use.
 """
 
@@ -168,17 +168,14 @@ def dominant_documents(meta: dict, split: str = "train") -> list[str]:
 
 
 def open_split(tokens_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and loss mask of one split: memory-mapped `.bin` files, or arrays built from the JSONL."""
-    ids, mask, _ = _open(tokens_dir, split)
+    """Token ids and loss mask of one split (see `read_split`)."""
+    ids, mask, _ = read_split(tokens_dir, split)
     return ids, mask
 
 
-def document_starts(tokens_dir: str | Path, split: str) -> np.ndarray:
-    """Where each document of one split starts (int64 token indices, ascending, the first 0)."""
-    return _open(tokens_dir, split)[2]
-
-
-def _open(tokens_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_split(tokens_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids, loss mask and where each document starts (int64 token indices, ascending, the first 0) of one
+    split: memory-mapped `.bin` files, or arrays built from the JSONL, in one read."""
     tokens_dir = Path(tokens_dir)
     meta = read_meta(tokens_dir)
     if split not in meta["splits"]:
