@@ -118,7 +118,7 @@ class PackedDocuments:
             kept = kept[np.random.default_rng([seed, 0, _PACKING]).permutation(len(kept))]
         pieces = -(-predictions[kept] // seq_len)
         doc = np.repeat(kept, pieces)
-        piece = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        piece = _ranges(np.zeros(len(pieces), np.int64), pieces)  # each piece's number within its document
         self.piece_start = doc_starts[doc] + piece * seq_len
         self.piece_size = np.minimum(seq_len, predictions[doc] - piece * seq_len)
         self.slot_end = np.cumsum(self.piece_size)  # where each piece ends in the packed sequence of all pieces
