@@ -100,6 +100,7 @@ class Session:
             torch.backends.cudnn.allow_tf32 = True
         self.val = validation_batches(val_samples, train.batch_size, train.eval_batches) if val_samples else []
         self.tokens_per_step = batches.samples_per_step * train.seq_len
+        self.stored = stored_bytes(self.model, train.export)  # (checkpoint, export) bytes this session writes
         self.timer = SessionTimer(started + train.minutes_today * 60 if train.minutes_today else math.inf,
                                   self._closing_guesses())
         self.last_saved: dict | None = None  # rank 0's parts as captured by the latest save
@@ -108,7 +109,7 @@ class Session:
 
     def _closing_guesses(self) -> dict:
         # Before they are timed: a checkpoint writes the trained tensors and two Adam moments, an export the weights.
-        checkpoint, export = stored_bytes(self.model, self.train.export)
+        checkpoint, export = self.stored
         guesses = {"save": checkpoint / SAVE_BYTES_PER_SECOND + 1.0, "export": export / SAVE_BYTES_PER_SECOND + 1.0}
         return {**guesses, "eval": 1.0} if self.val else guesses
 
@@ -222,7 +223,7 @@ class Session:
     def _report_plan(self, live, step: int, start: int, end: int) -> None:
         """Print and log the session plan (stages/lib/session_plan.py) from the steps timed so far."""
         plan = plan_session(step, start, end, self.plan.total_steps, self.timer.step_times, time.monotonic(),
-                            self.timer.deadline, self.timer.reserve(), *stored_bytes(self.model, self.train.export))
+                            self.timer.deadline, self.timer.reserve(), *self.stored)
         lines = plan_lines(plan)
         if self.device.type == "cuda":
             lines.append(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB "
