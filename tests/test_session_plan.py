@@ -3,10 +3,13 @@ and what each session adds to DVC's cache; printed and logged once the first ste
 
 import math
 
+import pytest
+
 from stages.lib import lora
 from stages.lib.model import new_model
 from stages.lib.params import LoraParams, ModelParams
-from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session, stored_bytes
+from stages.lib.session_plan import (PLAN_AFTER_STEPS, export_seconds, plan_lines, plan_metrics, plan_session,
+                                     stored_bytes)
 from train_helpers import make_workspace, read_tsv, session
 
 TIMES = [9.0, 2.0, 2.0, 3.0, 2.0]  # the first step carries the warm-up
@@ -64,3 +67,10 @@ def test_a_lora_session_stores_its_adapters_and_their_adamw_state_not_the_base()
     assert stored_bytes(model, "adapter") == (12 * adapters, 4 * adapters)
     assert stored_bytes(model, "merged") == (12 * adapters, 4 * weights)  # the base's size
     assert stored_bytes(model, "both") == (12 * adapters, 4 * weights + 4 * adapters)
+
+
+def test_the_time_kept_for_the_export_grows_with_what_it_writes_beyond_the_checkpoint():
+    # A LoRA of phi-2: a 283 MB checkpoint of adapters and their AdamW state, a 5.6 GB merged export.
+    assert export_seconds(3.0, 283_000_000, 5_600_000_000) == pytest.approx(3.0 * 5_600 / 283)
+    assert export_seconds(3.0, 283_000_000, 94_000_000) == 3.0  # the adapter alone: never less than the save
+    assert export_seconds(3.0, 12 * 10**6, 4 * 10**6) == 3.0  # a full fine-tune's export: a third of its checkpoint

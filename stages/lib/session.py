@@ -28,7 +28,8 @@ from stages.lib.params import TrainParams
 from stages.lib.precision import LossScaler, Precision
 from stages.lib.progress import Progress
 from stages.lib.schedule import Schedule, time_for_another_step
-from stages.lib.session_plan import PLAN_AFTER_STEPS, plan_lines, plan_metrics, plan_session, stored_bytes
+from stages.lib.session_plan import (PLAN_AFTER_STEPS, export_seconds, plan_lines, plan_metrics, plan_session,
+                                     stored_bytes)
 from stages.lib.stop import StopRequest
 
 SAVE_BYTES_PER_SECOND = 100e6  # a cautious disk speed, to reserve time for a save before one has been timed
@@ -268,5 +269,5 @@ class Session:
         self.progress.event(f"step {step}: saved {Path(self.train.checkpoint_dir) / store.folder_name(step)} "
                             f"in {seconds:.1f} s{kept}")
         self.timer.measured["save"] = seconds
-        self.timer.measured["export"] = seconds  # an export writes about what a checkpoint's weights take
+        self.timer.measured["export"] = export_seconds(seconds, *self.stored)
         return step

@@ -43,6 +43,13 @@ def stored_bytes(model, export: str = "merged") -> tuple[int, int]:
     return 12 * trained, {"merged": merged, "adapter": 4 * trained, "both": merged + 4 * trained}[export]
 
 
+def export_seconds(save_seconds: float, checkpoint_bytes: int, export_bytes: int) -> float:
+    """What the closing export may take, from the time a save took: an export writes at about the save's speed, so
+    a bigger export takes longer in proportion (a LoRA's merged export, the base's size, against its adapters'
+    checkpoint); a smaller one (a full fine-tune's export, a third of its checkpoint) is still given the save's time."""
+    return save_seconds * max(1.0, export_bytes / max(1, checkpoint_bytes))
+
+
 def plan_session(step: int, start: int, end: int, total: int, step_times: list[float], now: float,
                  deadline: float, reserve: float, checkpoint_bytes: int, export_bytes: int) -> SessionPlan:
     """The plan at `step` of a session that began at `start` and stops at `end` (steps_today / budget) or at the
