@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from stages.lib.errors import UserError
 from stages.lib.model import new_model, tied_names
 from stages.lib.params import ModelParams, parse_params
 from stages.lib.decision import fit_global_batch
-from train_helpers import TINY, checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_env, write_params
+from train_helpers import (LONG_RUN, TINY, checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_env,
+                           wait_for_steps, write_params)
 
 # Two processes of batch 4 against one process of batch 4 x grad_accum 2: the same global batch of 8.
 RUN = {"total_step_budget": 8, "batch_size": 4}
@@ -130,16 +130,6 @@ def worker_pids(torchrun_pid: int) -> dict[int, int]:
         env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
         ranks[int(env["RANK"])] = pid
     return ranks
-
-
-def wait_for_steps(root, process, steps: int) -> None:
-    deadline = time.monotonic() + 90
-    while len(read_tsv(root, "train/loss")) < steps and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert len(read_tsv(root, "train/loss")) >= steps, process.communicate()[1] if process.poll() is not None else ""
-
-
-LONG_RUN = {"total_step_budget": 100_000, "save_every": 100_000, "eval_every": 100_000}
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")

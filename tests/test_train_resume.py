@@ -18,8 +18,8 @@ from stages.lib.devices import pick_device
 from stages.lib.hashing import model_digest
 from stages.lib.precision import pick_precision
 from stages.lib.session import SessionTimer
-from train_helpers import (checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_command, stage_env,
-                           tree_bytes, write_params)
+from train_helpers import (LONG_RUN, checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_command,
+                           stage_env, tree_bytes, wait_for_steps, write_params)
 
 METRICS = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_seen")
 OUTPUTS = ("checkpoints", "outputs", "models", ".checkpoint-recovery")
@@ -59,13 +59,10 @@ def test_three_sessions_in_separate_processes_equal_one_session(reference, tmp_p
 
 def test_sigterm_finishes_the_step_saves_and_the_next_session_resumes_there(tmp_path):
     root = make_workspace(tmp_path)
-    long_run = {"total_step_budget": 100_000, "save_every": 100_000, "eval_every": 100_000}
-    write_params(root, **long_run)
+    write_params(root, **LONG_RUN)
     process = subprocess.Popen(stage_command(), cwd=root, env=stage_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    while len(read_tsv(root, "train/loss")) < 3 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
+    wait_for_steps(root, process, 3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
@@ -73,26 +70,23 @@ def test_sigterm_finishes_the_step_saves_and_the_next_session_resumes_there(tmp_
     stopped_at = checkpoint_step(root)
     assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, stopped_at + 1))
 
-    result = session(root, steps_today=2, **long_run)
+    result = session(root, steps_today=2, **LONG_RUN)
     assert (result.start_step, result.end_step) == (stopped_at, stopped_at + 2)
     assert [step for step, _ in read_tsv(root, "train/loss")] == list(range(1, stopped_at + 3))
 
 
 def test_a_second_session_fails_at_once_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
     root = make_workspace(tmp_path)
-    long_run = {"total_step_budget": 100_000, "save_every": 100_000, "eval_every": 100_000}
-    write_params(root, **long_run)
+    write_params(root, **LONG_RUN)
     first = subprocess.Popen(stage_command(), cwd=root, env=stage_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    while not read_tsv(root, "train/loss") and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.05)
+    wait_for_steps(root, first, 1)
     with pytest.raises(UserError, match=rf"held by process {first.pid} on .*only one may run at a time"):
-        session(root, **long_run)
+        session(root, **LONG_RUN)
     first.kill()  # a SIGKILL: the process cannot clean up, its name stays in the lock file
     first.wait(timeout=30)
     capsys.readouterr()
-    assert session(root, steps_today=1, **long_run).end_step == 1  # it never saved: a new run
+    assert session(root, steps_today=1, **LONG_RUN).end_step == 1  # it never saved: a new run
     assert f"took over .checkpoint-recovery.lock, left by process {first.pid}" in capsys.readouterr().out
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,17 @@ def read_tsv(root: Path, metric: str, out_dir: str = "outputs") -> list[tuple[in
         return []
     lines = path.read_text().splitlines()[1:]
     return [(int(line.split("\t")[0]), line.split("\t")[1]) for line in lines]
+
+
+LONG_RUN = {"total_step_budget": 100_000, "save_every": 100_000, "eval_every": 100_000}  # a session to interrupt
+
+
+def wait_for_steps(root: Path, process: subprocess.Popen, steps: int) -> None:
+    """Wait (90 s at most) until the session `process` runs in `root` has logged `steps` training steps."""
+    deadline = time.monotonic() + 90
+    while len(read_tsv(root, "train/loss")) < steps and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert len(read_tsv(root, "train/loss")) >= steps, process.communicate()[1] if process.poll() is not None else ""
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
