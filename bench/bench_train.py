@@ -12,9 +12,9 @@ the other, a matmul peak (torch.mm in the loop's compute type: 2048 x 2048 on CP
 training step (`Session.step`: chunked loss, fused AdamW, clipping; autocast as train.precision picks it) and the
 baseline (`model(input_ids, labels=...)`, default AdamW, clipping, the same autocast), so a machine whose load
 changes affects all three alike; medians are reported. Model FLOPs per token = 6N + 12 * L * H * Q * T (N
-parameters, L layers, H heads, Q head size, T context). MFU = model FLOP/s / the GPU's dense 16-bit peak from its data sheet
-(GPU_PEAK_TFLOPS, by device name), or the measured matmul peak for a card not in the table. `--precision fp16`
-times fp16 autocast with loss scaling (both loops), as on a T4 or V100.
+parameters, L layers, H heads, Q head size, T context). MFU = model FLOP/s / the GPU's dense 16-bit peak from its
+data sheet (GPU_PEAK_TFLOPS, by device name), or the measured matmul peak for a card not in the table.
+`--precision fp16` times fp16 autocast with loss scaling (both loops), as on a T4 or V100.
 The packing rounds time our step in both packings, one after the other, on instruction documents whose median
 length is a third of seq_len; document tokens/s leave out the padding, which `stream` does not have.
 """

@@ -33,9 +33,9 @@ def test_a_meta_json_that_is_not_json(tmp_path):
 
 
 def test_a_bad_line_in_a_token_jsonl_names_its_line(tmp_path):
-    meta = {"format_version": TOKEN_FORMAT, "dtype": "uint16", "vocab_size": 8, "eos_id": 0, "tokenizer_fingerprint": "",
-            "bin": False, "jsonl": True, "splits": {"train": {"documents": 2, "tokens": 4, "loss_tokens": 4,
-                                                              "sha256": ""}}}
+    meta = {"format_version": TOKEN_FORMAT, "dtype": "uint16", "vocab_size": 8, "eos_id": 0,
+            "tokenizer_fingerprint": "", "bin": False, "jsonl": True,
+            "splits": {"train": {"documents": 2, "tokens": 4, "loss_tokens": 4, "sha256": ""}}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "train.jsonl").write_text('{"ids": [1, 0], "mask": [1, 1]}\n{"ids": [2, 0], "mas": [1, 1]}\n')
     with pytest.raises(UserError, match=r"train\.jsonl:2: expected .*KeyError"):

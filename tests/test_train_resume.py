@@ -344,5 +344,6 @@ def test_precision_and_device_choices_on_a_cpu_only_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = pick_device("auto")
     assert cpu.type == "cpu" and pick_precision("auto", cpu).name == "fp32"
-    with pytest.raises(UserError, match=r"cuda. was asked for \(train\.device or --device\), but torch sees no CUDA GPU"):
+    with pytest.raises(UserError,
+                       match=r"cuda. was asked for \(train\.device or --device\), but torch sees no CUDA GPU"):
         pick_device("cuda")

@@ -1,22 +1,21 @@
 """What a training session will do, decided once before it starts: pure functions, no I/O.
 
-A run is defined by the settings behind its `run` fingerprint (model, tokenizer and training data, seq_len,
-packing, global batch, optimiser settings, peak and final learning rate, warmup, seed; a LoRA's rank,
-alpha, dropout and targets). Its plan, how long it is and the shape of its
-learning rate (total_step_budget or epochs, train.schedule, decay_steps / decay_fraction), is not part of it: a
-checkpoint of the same run with another plan is the same run, extended (or shortened). The checkpoint's
-`fingerprint` covers both (the run and its schedule), so two checkpoints of the same step and fingerprint hold the
-same state. From params.yaml, the token files' meta, the tokenizer and the checkpoints found, `decide` makes one
-immutable Decision: the run's plan, the checkpoint to resume (or none, and why), the grad_accum for this number of
-processes, and the messages to print. Rank 0 makes it, every process receives the same Decision (as JSON), and the
-session runs it without deciding anything again.
+A run is defined by the settings behind its `run` fingerprint (model, tokenizer and training data, seq_len, packing,
+global batch, optimiser settings, peak and final learning rate, warmup, seed; a LoRA's rank, alpha, dropout and
+targets). Its plan, how long it is and the shape of its learning rate (total_step_budget or epochs, train.schedule,
+decay_steps / decay_fraction), is not part of it: a checkpoint of the same run with another plan is the same run,
+extended (or shortened). The checkpoint's `fingerprint` covers both (the run and its schedule), so two checkpoints of
+the same step and fingerprint hold the same state. From params.yaml, the token files' meta, the tokenizer and the
+checkpoints found, `decide` makes one immutable Decision: the run's plan, the checkpoint to resume (or none, and why),
+the grad_accum for this number of processes, and the messages to print. Rank 0 makes it, every process receives the same
+Decision (as JSON), and the session runs it without deciding anything again.
 
-Resume (`train.resume`): `auto` resumes the newest checkpoint of the same run and otherwise starts a new run, naming
-the settings that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a
-session can change between sessions: steps_today, minutes_today, save_every, eval_every, eval_batches, log_every,
-compile, device, precision, activation_checkpointing, export, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as their product
-(the global batch) stays the same. Resuming on another number of processes with the same batch settings keeps the
-run's global batch by changing grad_accum for the session (or says which batch_size and grad_accum would).
+Resume (`train.resume`): `auto` resumes the newest checkpoint of the same run and otherwise starts a new run, naming the
+settings that changed; `require` fails instead; `never` always starts a new run. Settings that only shape a session can
+change between sessions: steps_today, minutes_today, save_every, eval_every, eval_batches, log_every, compile, device,
+precision, activation_checkpointing, export, checkpoint_dir and out_dir; so can batch_size and grad_accum as long as
+their product (the global batch) stays the same. Resuming on another number of processes with the same batch settings
+keeps the run's global batch by changing grad_accum for the session (or says which batch_size and grad_accum would).
 
 Another plan (stages/lib/schedule.py): the newest checkpoint whose updates so far got the learning rates the new
 plan gives them continues exactly, as if the new plan had been set from the start: with wsd any checkpoint up to

@@ -6,7 +6,6 @@ PLAIN_HEAD_MODELS, and the chunked loss (stages/lib/loss.py) then computes exact
 would.
 """
 
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel
 

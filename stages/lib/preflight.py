@@ -27,8 +27,8 @@ def read_inputs(train: TrainParams, meta: dict, samples_per_epoch: int, vocab_si
     """The decision's inputs as the files in the workspace give them."""
     checkpoint_dir = Path(train.checkpoint_dir)
     base_model = model_digest(train.init_from) if train.init_from else None
-    return Inputs(meta, samples_per_epoch, vocab_size, special_ids, base_model, store.find(checkpoint_dir, recovery_dir),
-                  checkpoint_dir, has_logs(Path(train.out_dir) / "live"))
+    return Inputs(meta, samples_per_epoch, vocab_size, special_ids, base_model,
+                  store.find(checkpoint_dir, recovery_dir), checkpoint_dir, has_logs(Path(train.out_dir) / "live"))
 
 
 def nothing_to_train(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir: Path = TOKENIZER_DIR,

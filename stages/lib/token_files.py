@@ -1,7 +1,7 @@
 """Token files (docs/formats.md, "Token files"): writing them as a stream, reading them back for training.
 
-The tokenize stage writes through `SplitWriter`; the train and evaluate stages read through `read_meta` and
-`read_split` (`open_split`: the ids and mask alone). Format 2 added where each document starts (`<split>.docs.bin`) and, per split,
+The tokenize stage writes through `SplitWriter`; the train and evaluate stages read through `read_meta` and `read_split`
+(`open_split`: the ids and mask alone). Format 2 added where each document starts (`<split>.docs.bin`) and, per split,
 the facts about document lengths and prompts that the train stage's packing and the tokenize summary use.
 """
 
