@@ -66,10 +66,8 @@ class Stats:
     def dropped(self, names, where: str, n: int = 1) -> None:
         """Count fields that nothing read, by name."""
         for name in names:
-            tally = self.fields_dropped.get(name) or self.fields_dropped.setdefault(name, Tally())
-            tally.count += n
-            if len(tally.first) < MAX_LOCATIONS:
-                tally.first.append(where)
+            # get before setdefault: no new Tally per record on the hot path when the name is known
+            (self.fields_dropped.get(name) or self.fields_dropped.setdefault(name, Tally())).add(where, n)
 
     def merge(self, other: "Stats") -> None:
         """Add the counts of a later piece of work."""
