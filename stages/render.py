@@ -97,10 +97,11 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
         if stats.records_written == 0:
             raise UserError(f"no records were rendered from {_what(params.render)} ({stats.records_read} read, "
                             f"{stats.records_skipped} skipped): the data is empty or every record was bad")
+    counted = stats.as_json()
     with replaced_file(out_dir / STATS_FILE) as out:
-        out.write(json.dumps(stats.as_json(), indent=2, ensure_ascii=False) + "\n")
-    _report(stats, out_dir, total, time.monotonic() - started, workers)
-    return stats.as_json()
+        out.write(json.dumps(counted, indent=2, ensure_ascii=False) + "\n")
+    _report(stats, counted["sources"], out_dir, total, time.monotonic() - started, workers)
+    return counted
 
 
 def plan(sources: list[Source], mappings: list[Mapping], render: RenderParams, stats: Stats,
@@ -204,14 +205,14 @@ def _what(render: RenderParams) -> str:
     return f"render.data_path = {render.data_path!r}"
 
 
-def _report(stats: Stats, out_dir: Path, input_bytes: int, seconds: float, workers: int) -> None:
+def _report(stats: Stats, sources: list[dict], out_dir: Path, input_bytes: int, seconds: float, workers: int) -> None:
     rate = f", {input_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s with {workers} process(es)" if workers > 1 else ""
     print(f"render: {stats.records_written} records, {stats.characters:,} characters from "
           f"{len(stats.formats)} file(s){rate} -> {out_dir / RECORDS_FILE}")
-    if len(stats.sources) > 1:
-        for source, count in zip(stats.sources, stats.as_json()["sources"]):
+    if len(sources) > 1:
+        for source in sources:
             role = "validation" if source["validation"] else f"weight {source['weight']:g}"
-            print(f"render:   {source['path']} ({role}): {count['records']} records")
+            print(f"render:   {source['path']} ({role}): {source['records']} records")
     for line in stats.warnings():
         print(f"render: note: {line}; see {out_dir / STATS_FILE}", file=sys.stderr)
     if stats.records_skipped:
