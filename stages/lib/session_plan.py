@@ -61,9 +61,14 @@ def plan_session(step: int, start: int, end: int, total: int, step_times: list[f
         by_time = step + max(0, int((deadline - now - reserve) / per_step))
         if by_time < end:
             session_end, ends_by = by_time, "minutes_today"
-    length = max(1, session_end - start)
     return SessionPlan(step, per_step, session_end, ends_by, (session_end - step) * per_step, total,
-                       math.ceil((total - session_end) / length), checkpoint_bytes, export_bytes)
+                       sessions_left(total - session_end, max(1, session_end - start)), checkpoint_bytes,
+                       export_bytes)
+
+
+def sessions_left(remaining_steps: int, steps_per_session: int) -> int:
+    """Sessions as long as this one that the rest of the budget takes."""
+    return math.ceil(remaining_steps / steps_per_session) if steps_per_session > 0 else 0
 
 
 def plan_lines(plan: SessionPlan, wall_clock: float | None = None) -> list[str]:

@@ -14,12 +14,12 @@ logged; the time per step is the mean of the session's steps after the first (wh
 formatting apart from `read_losses`, which reads the DVCLive logs.
 """
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib.deadline import duration
 from stages.lib.live_logs import logged_rows
+from stages.lib.session_plan import sessions_left
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,6 @@ def seconds_per_step(step_seconds: tuple) -> float | None:
     """The mean step time, leaving out the first step when there are others."""
     timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
     return sum(timed) / len(timed) if timed else None
-
-
-def sessions_left(remaining_steps: int, steps_per_session: int) -> int:
-    """Sessions as long as this one that the rest of the budget takes."""
-    return math.ceil(remaining_steps / steps_per_session) if steps_per_session > 0 else 0
 
 
 def summary_lines(n: SessionNumbers) -> list[str]:
