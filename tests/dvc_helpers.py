@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.lib.workspace import SESSIONS_LOG, belongs_to_dvc, pipeline_outputs
+
 REPO = Path(__file__).resolve().parents[1]
 SKIP_PARTS = {"tests", "bench", ".venv"}
-# Where the stages write (dvc.yaml's outs with the default params); data/sample and data/eval are inputs.
-PIPELINE_FOLDERS = ("data/rendered/", "data/tokenizer/", "data/tokens/", "checkpoints/", "outputs/", "models/")
 
 needs_dvc = pytest.mark.skipif(shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists(),
                                reason="needs the dvc command (pip install -r requirements.txt)")
@@ -41,14 +41,12 @@ def project_files() -> list[str]:
     and benchmarks, and without what running the pipeline here wrote (a user runs the demo, then the tests)."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in listed if Path(f).parts[0] not in SKIP_PARTS and not pipeline_output(f) and (REPO / f).is_file()]
-
-
-def pipeline_output(path: str) -> bool:
-    """Whether `path` is something the pipeline or the session command writes (the folders' .gitignore files ship)."""
-    if path in ("dvc.lock", "outputs/sessions.jsonl"):
-        return True
-    return Path(path).name != ".gitignore" and path.startswith(PIPELINE_FOLDERS)
+    # What the pipeline and the session command write, as the session command tells it: dvc.yaml's outputs,
+    # dvc.lock, the sessions log (but the output folders' .gitignore files ship).
+    outputs = pipeline_outputs(REPO / "dvc.yaml", REPO / "params.yaml")
+    sessions_log = f"{yaml.safe_load((REPO / 'params.yaml').read_text())['train']['out_dir']}/{SESSIONS_LOG}"
+    return [f for f in listed if Path(f).parts[0] not in SKIP_PARTS and (REPO / f).is_file()
+            and (Path(f).name == ".gitignore" or not belongs_to_dvc(f, outputs, sessions_log))]
 
 
 def set_params(repo: Path, changes: dict) -> None:
