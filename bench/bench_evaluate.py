@@ -25,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.evaluate import validation_loss  # noqa: E402
-from stages.lib.batches import StreamWindows  # noqa: E402
-from stages.lib.model import new_model  # noqa: E402
-from stages.lib.params import ModelParams  # noqa: E402
+from stages.lib.base.params import ModelParams  # noqa: E402
+from stages.lib.modeling.families import new_model  # noqa: E402
+from stages.lib.tokenizing.batches import StreamWindows  # noqa: E402
 
 VOCAB = 50257
 

@@ -34,18 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_memory import _peak_allocated  # noqa: E402
 from bench_train import make_workspace  # noqa: E402
-from stages.lib import checkpoint_store as store  # noqa: E402
-from stages.lib import lora, memory  # noqa: E402
-from stages.lib.batches import TrainBatches, split_samples  # noqa: E402
-from stages.lib.export import export_model  # noqa: E402
-from stages.lib.files import folder_size  # noqa: E402
-from stages.lib.model import model_config  # noqa: E402
-from stages.lib.params import parse_params  # noqa: E402
-from stages.lib.precision import pick_precision  # noqa: E402
-from stages.lib.session import Session  # noqa: E402
-from stages.lib.token_files import packing_for, read_meta  # noqa: E402
-from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
-from stages.lib.world import World  # noqa: E402
+
+from stages.lib.base.files import folder_size  # noqa: E402
+from stages.lib.base.params import parse_params  # noqa: E402
+from stages.lib.checkpointing import store  # noqa: E402
+from stages.lib.distributed.world import World  # noqa: E402
+from stages.lib.modeling import (
+    lora,  # noqa: E402
+    memory,
+)
+from stages.lib.modeling.export import export_model  # noqa: E402
+from stages.lib.modeling.families import model_config  # noqa: E402
+from stages.lib.modeling.precision import pick_precision  # noqa: E402
+from stages.lib.tokenizing.batches import TrainBatches, split_samples  # noqa: E402
+from stages.lib.tokenizing.token_files import packing_for, read_meta  # noqa: E402
+from stages.lib.training.loop import Session  # noqa: E402
+from stages.lib.training.trainer import build_trainee, decide_on_main  # noqa: E402
 
 SIZES = {
     "tiny": lambda: LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

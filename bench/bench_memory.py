@@ -1,5 +1,5 @@
 """Benchmark of the memory plan: peak memory measured for Llama-style models of about 10M, 50M and 120M parameters,
-with and without activation checkpointing, next to the plan's estimate (stages/lib/memory.py), with the error.
+with and without activation checkpointing, next to the plan's estimate (stages/lib/modeling/memory.py), with the error.
 
     python bench/bench_memory.py                          # the six cases on the CPU
     python bench/bench_memory.py --sizes 120m --device cuda --precision bf16 --batch-size 8 --seq-len 1024
@@ -33,15 +33,16 @@ from torch.profiler import ProfilerActivity
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import make_workspace  # noqa: E402
-from stages.lib import memory  # noqa: E402
-from stages.lib.batches import TrainBatches, split_samples  # noqa: E402
-from stages.lib.model import checkpoint_activations, model_config  # noqa: E402
-from stages.lib.params import parse_params  # noqa: E402
-from stages.lib.precision import pick_precision  # noqa: E402
-from stages.lib.session import Session  # noqa: E402
-from stages.lib.token_files import packing_for, read_meta  # noqa: E402
-from stages.lib.world import World  # noqa: E402
-from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
+
+from stages.lib.base.params import parse_params  # noqa: E402
+from stages.lib.distributed.world import World  # noqa: E402
+from stages.lib.modeling import memory  # noqa: E402
+from stages.lib.modeling.families import checkpoint_activations, model_config  # noqa: E402
+from stages.lib.modeling.precision import pick_precision  # noqa: E402
+from stages.lib.tokenizing.batches import TrainBatches, split_samples  # noqa: E402
+from stages.lib.tokenizing.token_files import packing_for, read_meta  # noqa: E402
+from stages.lib.training.loop import Session  # noqa: E402
+from stages.lib.training.trainer import build_trainee, decide_on_main  # noqa: E402
 
 SIZES = {  # Llama-style, tied embeddings; the vocabulary grows with the model as it does in practice
     "10m": {"vocab": 16384, "model": {"n_layer": 6, "hidden_size": 256, "n_head": 4, "intermediate_size": 1024}},

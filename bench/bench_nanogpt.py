@@ -44,11 +44,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib import batches as batches_module  # noqa: E402
-from stages.lib import model as model_module  # noqa: E402
-from stages.lib.batches import StreamWindows  # noqa: E402
-from stages.lib.params import parse_params  # noqa: E402
-from stages.lib.token_files import SplitWriter, new_meta, write_meta  # noqa: E402
+from stages.lib.base.params import parse_params  # noqa: E402
+from stages.lib.modeling import families as model_module  # noqa: E402
+from stages.lib.tokenizing import batches as batches_module  # noqa: E402
+from stages.lib.tokenizing.batches import StreamWindows  # noqa: E402
+from stages.lib.tokenizing.token_files import SplitWriter, new_meta, write_meta  # noqa: E402
 
 SETTINGS = {"n_layer": 4, "hidden_size": 256, "n_head": 4, "seq_len": 256, "batch_size": 8, "lr": 1e-3,
             "min_lr": 1e-4, "warmup_steps": 20, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0,
@@ -85,8 +85,8 @@ def validation_loss(forward, val: np.ndarray, seq_len: int, batch_size: int = 8)
 
 def run_ours(train_ids: np.ndarray, val_ids: np.ndarray, tokenizer_dir: Path, steps: int, ablate: set) -> dict:
     """Train with the train stage in a temporary workspace; validation loss of the result and tokens/s."""
-    from stages.lib.loss import make_loss_fn
-    from stages.lib.training import run_session
+    from stages.lib.modeling.loss import make_loss_fn
+    from stages.lib.training.trainer import run_session
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as patches:
         root = Path(tmp)
         shutil.copytree(tokenizer_dir, root / "tokenizer")

@@ -76,7 +76,7 @@ def build_instructions(text_file: Path, mb: float, folder: Path) -> Path:
 def run_stage(folder: Path, tokenizer: Path, chunk_mb: float) -> dict:
     """Child: the tokenize stage end to end."""
     sys.path.insert(0, str(REPO))
-    from stages.lib.params import TokenizeParams
+    from stages.lib.base.params import TokenizeParams
     from stages.tokenize import tokenize_records
 
     started = time.perf_counter()
@@ -111,7 +111,7 @@ def run_library(folder: Path, tokenizer: Path) -> dict:
 def run_render(folder: Path, workers: int) -> dict:
     """Child: the render stage on raw/ with `workers` processes."""
     sys.path.insert(0, str(REPO))
-    from stages.lib.params import parse_params
+    from stages.lib.base.params import parse_params
     from stages.render import render
 
     out = folder / f"rendered-{workers}"

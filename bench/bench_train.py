@@ -35,14 +35,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib.batches import TrainBatches, split_samples  # noqa: E402
-from stages.lib.model import build_model  # noqa: E402
-from stages.lib.params import parse_params  # noqa: E402
-from stages.lib.precision import pick_precision  # noqa: E402
-from stages.lib.session import Session  # noqa: E402
-from stages.lib.token_files import SplitWriter, new_meta, packing_for, read_meta, write_meta  # noqa: E402
-from stages.lib.training import build_trainee, decide_on_main  # noqa: E402
-from stages.lib.world import World  # noqa: E402
+from stages.lib.base.params import parse_params  # noqa: E402
+from stages.lib.distributed.world import World  # noqa: E402
+from stages.lib.modeling.families import build_model  # noqa: E402
+from stages.lib.modeling.precision import pick_precision  # noqa: E402
+from stages.lib.tokenizing.batches import TrainBatches, split_samples  # noqa: E402
+from stages.lib.tokenizing.token_files import SplitWriter, new_meta, packing_for, read_meta, write_meta  # noqa: E402
+from stages.lib.training.loop import Session  # noqa: E402
+from stages.lib.training.trainer import build_trainee, decide_on_main  # noqa: E402
 
 CONFIGS = {
     # params.yaml defaults, with the 1,024-token BPE vocabulary the default tokenizer stage trains.
@@ -242,8 +242,8 @@ def bench_packing(name: str, rounds: int, steps: int, device: torch.device) -> d
 
 CHILD = """
 import json, sys, time
-from stages.lib.params import load_params
-from stages.lib.training import run_session
+from stages.lib.base.params import load_params
+from stages.lib.training.trainer import run_session
 result = run_session(load_params().train)
 print(json.dumps({"start_step": result.start_step, "first_step_at": result.first_step_at}))
 """

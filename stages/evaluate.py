@@ -13,18 +13,17 @@ split of `data/tokens/`, and `evaluate.prompts_path`. Writes to `<train.out_dir>
   is the instruction (and its input, after a blank line) as the held-out file gives it.
 
 Validation loss: the validation split is cut into samples the way training cuts it (`train.packing`, see
-stages/lib/batches.py): consecutive windows of `train.seq_len` predictions over the token stream (every token after
-the first predicted once, with the context its window gives), or whole documents packed with attention kept inside
+stages/lib/tokenizing/batches.py): consecutive windows of `train.seq_len` predictions over the token stream (every token
+after the first predicted once, with the context its window gives), or whole documents packed with attention kept inside
 each (every token of a document after its first predicted once). It is computed like the training loss, through the
-chunked head (stages/lib/loss.py) with no KV cache, so memory does not grow with the vocabulary; samples with no
-token that counts are skipped. `evaluate.max_val_tokens` > 0 scores only the first that many tokens.
-Held-out answers: greedy decoding from the prompt training used for instruction data (Alpaca, or the chat template
-when `render.template` names one), up to `evaluate.max_new_tokens`, stopping at EOS (or an end-of-turn token such
-as `<|im_end|>`), prompts batched `evaluate.batch_size` at a time. Instruction and chat data have these; for a
-model of plain text only, set `evaluate.prompts_path: ""` (dvc.yaml tracks the folder `data/eval/`, so an empty
-path needs no edit there). Scoring a model trained on other data with the bundled sample's prompts says nothing
-about it: the stage warns when it does.
-The same model and data give byte-identical outputs.
+chunked head (stages/lib/modeling/loss.py) with no KV cache, so memory does not grow with the vocabulary; samples with
+no token that counts are skipped. `evaluate.max_val_tokens` > 0 scores only the first that many tokens. Held-out
+answers: greedy decoding from the prompt training used for instruction data (Alpaca, or the chat template when
+`render.template` names one), up to `evaluate.max_new_tokens`, stopping at EOS (or an end-of-turn token such as
+`<|im_end|>`), prompts batched `evaluate.batch_size` at a time. Instruction and chat data have these; for a model of
+plain text only, set `evaluate.prompts_path: ""` (dvc.yaml tracks the folder `data/eval/`, so an empty path needs no
+edit there). Scoring a model trained on other data with the bundled sample's prompts says nothing about it: the stage
+warns when it does. The same model and data give byte-identical outputs.
 """
 
 import json
@@ -35,14 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib.batches import IGNORE_INDEX, Batch, Samples, split_samples
-from stages.lib.errors import UserError, run_stage
-from stages.lib.files import write_atomically
-from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
-from stages.lib.loss import make_loss_fn
-from stages.lib.params import MODELS_DIR, TOKENS_DIR, RenderParams, load_params
-from stages.lib.progress import bar
-from stages.lib.token_files import packing_for, read_meta
+from stages.lib.base.errors import UserError, run_stage
+from stages.lib.base.files import write_atomically
+from stages.lib.base.params import MODELS_DIR, TOKENS_DIR, RenderParams, load_params
+from stages.lib.base.progress import bar
+from stages.lib.modeling.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
+from stages.lib.modeling.loss import make_loss_fn
+from stages.lib.tokenizing.batches import IGNORE_INDEX, Batch, Samples, split_samples
+from stages.lib.tokenizing.token_files import packing_for, read_meta
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
 LEADING = ("val_loss", "exact_match")

@@ -3,7 +3,7 @@
     python -m stages.generate --prompt "Add 3 and 4."     # one answer, streamed
     python -m stages.generate                               # interactive: one message per line, Ctrl-D to quit
 
-The prompt is built exactly as the render stage built the training prompts (`stages/lib/templates.py`):
+The prompt is built exactly as the render stage built the training prompts (`stages/lib/ingest/chat_templates.py`):
 - `chat`: the conversation so far through the chat template the training data used (the tokenizer's own, or
   ChatML); interactive mode keeps the conversation (type `/reset` to start over);
 - `instruction`: the Alpaca template, each message a new instruction;
@@ -13,7 +13,7 @@ training data used) when it exists, else the tokenizer (a chat template -> chat,
 
 Decoding: `--temperature 0` is greedy (deterministic); otherwise sampling with `--top-k` / `--top-p`, seeded by
 `--seed` for repeatable answers. It stops at EOS and at the end-of-turn token of chat templates (`<|im_end|>`...).
-Loading the export, building prompts and batched generation live in stages/lib/inference.py (the evaluate stage
+Loading the export, building prompts and batched generation live in stages/lib/modeling/inference.py (the evaluate stage
 uses them too).
 """
 
@@ -24,10 +24,17 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from stages.lib.errors import UserError, run_stage
-from stages.lib.inference import (Decoding, chat_prompt, choose_chat_template, choose_style, generate_ids,
-                                  instruction_prompt, load_model)
-from stages.lib.params import MODELS_DIR, PARAMS_FILE, load_params
+from stages.lib.base.errors import UserError, run_stage
+from stages.lib.base.params import MODELS_DIR, PARAMS_FILE, load_params
+from stages.lib.modeling.inference import (
+    Decoding,
+    chat_prompt,
+    choose_chat_template,
+    choose_style,
+    generate_ids,
+    instruction_prompt,
+    load_model,
+)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

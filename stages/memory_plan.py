@@ -4,8 +4,8 @@
     python -m stages.memory_plan --config path/to/phi-2 --seq-len 2048 --batch-size 4 --precision fp16 --gib 15
     python -m stages.memory_plan --config path/to/phi-2 --precision fp16 --gib 15 --lora-r 16 --activation-checkpointing
 
-It prints the plan the train stage prints before its first step (stages/lib/memory.py) and, when the plan does not
-fit, the settings that would. Nothing is loaded: the model is built on PyTorch's meta device from its config.json.
+It prints the plan the train stage prints before its first step (stages/lib/modeling/memory.py) and, when the plan does
+not fit, the settings that would. Nothing is loaded: the model is built on PyTorch's meta device from its config.json.
 `--gib` plans for a device of that much free memory (a 15 GiB T4, say) instead of this machine's.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from stages.lib import lora, memory
-from stages.lib.devices import pick_device
-from stages.lib.errors import UserError, run_stage
-from stages.lib.model import model_config
-from stages.lib.params import TOKENIZER_DIR, TrainParams, load_params
-from stages.lib.precision import pick_precision
+from stages.lib.base.devices import pick_device
+from stages.lib.base.errors import UserError, run_stage
+from stages.lib.base.params import TOKENIZER_DIR, TrainParams, load_params
+from stages.lib.modeling import lora, memory
+from stages.lib.modeling.families import model_config
+from stages.lib.modeling.precision import pick_precision
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,17 +2,17 @@
 
     python -m stages.render
 
-What it reads (stages/lib/mixture.py): `render.data_path` (a file, a folder's data files, or a glob, in sorted
-path order), or the weighted sources of `render.sources` inside it, then `render.validation_path`, whose files are
-never training data. Files (stages/lib/readers.py), all streamed: plain text `.txt`, JSON arrays and JSONL
+What it reads (stages/lib/tokenizing/mixture.py): `render.data_path` (a file, a folder's data files, or a glob, in
+sorted path order), or the weighted sources of `render.sources` inside it, then `render.validation_path`, whose files
+are never training data. Files (stages/lib/ingest/readers.py), all streamed: plain text `.txt`, JSON arrays and JSONL
 (`.json`, `.jsonl`), each of these also compressed (`.gz`, `.zst`), and Parquet (`.parquet`).
 
-Each record (stages/lib/fields.py, with render.fields and render.roles) is one of:
+Each record (stages/lib/ingest/fields.py, with render.fields and render.roles) is one of:
 - plain text: a document of a `.txt` file cut by `render.text_split` (`paragraph` = runs of lines between blank
   lines, `line`, `file`), or a record with a `text` field; one segment with `response: true`.
 - instruction data: `instruction`, `output` and an optional `input` (missing or null = empty), rendered with the
-  Alpaca prompt (stages/lib/templates.py), or as a user/assistant exchange when `render.template` is `chatml` or
-  `tokenizer`.
+  Alpaca prompt (stages/lib/ingest/chat_templates.py), or as a user/assistant exchange when `render.template` is
+  `chatml` or `tokenizer`.
 - chat data: `messages` (or ShareGPT `conversations`, or a bare list of messages), tool calls and tool results
   included, rendered with ChatML or the HuggingFace tokenizer's chat template.
 With `render.format: auto` a `.txt` file is text and a data file's first usable record (a Parquet file's columns)
@@ -25,8 +25,8 @@ unless `render.on_error: skip`, which skips and counts them. Suspicious records 
 locations in stats.json and the summary: empty answers (`render.empty_answers: skip` drops them), conversations
 without a user turn, records longer than `render.long_record_chars`, and fields that nothing reads, by name.
 
-The files are cut into pieces (stages/lib/pieces.py), rendered by `render.workers` processes (each writing a piece
-to a part file, so memory holds no more than a record at a time) and written in order to a temporary file renamed
+The files are cut into pieces (stages/lib/ingest/pieces.py), rendered by `render.workers` processes (each writing a
+piece to a part file, so memory holds no more than a record at a time) and written in order to a temporary file renamed
 at the end: the same input gives byte-identical outputs with any number of processes.
 """
 
@@ -41,18 +41,18 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
-from stages.lib.errors import UserError, run_stage
-from stages.lib.fields import KINDS, Mapping, detect_kind, unknown_shape
-from stages.lib.files import replaced_file
-from stages.lib.params import RENDERED_DIR, Params, RenderParams, load_params
-from stages.lib.pieces import PIECE_BYTES, Piece, expanded, file_layout, plan_file, read_piece
-from stages.lib.progress import bar
-from stages.lib.readers import Location, RecordError, open_parquet, split_suffix
-from stages.lib.records import RECORDS_FILE, STATS_FILE
-from stages.lib.render_stats import Stats
-from stages.lib.rendering import Context, TemplateChooser, render_record
-from stages.lib.sources import DATA_SUFFIXES, Source, sources_of
-from stages.lib.workers import available_cores, ordered_map
+from stages.lib.base.errors import UserError, run_stage
+from stages.lib.base.files import replaced_file
+from stages.lib.base.params import RENDERED_DIR, Params, RenderParams, load_params
+from stages.lib.base.progress import bar
+from stages.lib.base.workers import available_cores, ordered_map
+from stages.lib.ingest.convert import Context, TemplateChooser, render_record
+from stages.lib.ingest.fields import KINDS, Mapping, detect_kind, unknown_shape
+from stages.lib.ingest.pieces import PIECE_BYTES, Piece, expanded, file_layout, plan_file, read_piece
+from stages.lib.ingest.readers import Location, RecordError, open_parquet, split_suffix
+from stages.lib.ingest.sources import DATA_SUFFIXES, Source, sources_of
+from stages.lib.ingest.tally import Stats
+from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE
 
 PARALLEL_FROM_BYTES = 32 << 20  # with render.workers: auto, smaller inputs are rendered in this process
 

@@ -14,7 +14,7 @@ Run it in your clone of the project. Each step says what it does:
 DVC's data goes before git's commit, so the remote never holds a commit whose data it lacks. A failure stops the
 command where it happened, leaves the steps after it undone and says how to finish by hand. Under a time limit
 (`--minutes`, or train.minutes_today), the train stage keeps back the time the push takes: the checkpoint's size at
-the last push's speed (stages/lib/deadline.py).
+the last push's speed (stages/lib/training/deadline.py).
 """
 
 import argparse
@@ -25,13 +25,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from stages.lib import workspace as ws
-from stages.lib import checkpoint_store as store
-from stages.lib.deadline import PUSH_SPEED_ENV, duration
-from stages.lib.errors import UserError, run_stage
-from stages.lib.params import MODELS_DIR, load_params
-from stages.lib.files import folder_size
-from stages.lib.summary import loss_text, read_losses
+from stages.lib.base.errors import UserError, run_stage
+from stages.lib.base.files import folder_size
+from stages.lib.base.params import MODELS_DIR, load_params
+from stages.lib.checkpointing import store
+from stages.lib.daily import workspace as ws
+from stages.lib.training.deadline import PUSH_SPEED_ENV, duration
+from stages.lib.training.summary import loss_text, read_losses
 
 GUESSED_PUSH_SPEED = 10e6  # bytes per second, until a push has been measured
 

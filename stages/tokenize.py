@@ -4,13 +4,13 @@ Run it as `python -m stages.tokenize`; run as a script this file would shadow th
 
 Splits: the validation split is the render stage's validation source when it has one, else `tokenize.val_ratio`
 of the documents drawn by `tokenize.seed`; then each source's training documents are repeated or subsampled by
-its weight (stages/lib/mixture.py).
+its weight (stages/lib/tokenizing/mixture.py).
 
 How it stays fast and bounded in memory:
 - one pass notes where each record's line starts; documents are split and shuffled as indices and read back by
   offset, so memory holds two numbers per document, never the corpus;
 - text is encoded about `tokenize.chunk_mb` at a time and the ids are written out before the next chunk is read;
-  a byte-level BPE is run by tiktoken, which gives the same ids several times faster (stages/lib/encoders.py,
+  a byte-level BPE is run by tiktoken, which gives the same ids several times faster (stages/lib/tokenizing/encoders.py,
   `tokenize.encoder`), any other tokenizer by `encode_batch`, which spreads documents over the cores;
 - character offsets (needed for the loss mask) are computed only for documents that mix prompt and response.
 """
@@ -27,14 +27,14 @@ from typing import Any, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from stages.lib.encoders import encoder_for
-from stages.lib.errors import UserError, run_stage
-from stages.lib.files import replaced_folder
-from stages.lib.mixture import read_spans, validation_split, weighted
-from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
-from stages.lib.progress import bar
-from stages.lib.records import RECORDS_FILE, Document, as_document, parse_record
-from stages.lib.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
+from stages.lib.base.errors import UserError, run_stage
+from stages.lib.base.files import replaced_folder
+from stages.lib.base.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
+from stages.lib.base.progress import bar
+from stages.lib.tokenizing.encoders import encoder_for
+from stages.lib.tokenizing.mixture import read_spans, validation_split, weighted
+from stages.lib.tokenizing.records import RECORDS_FILE, Document, as_document, parse_record
+from stages.lib.tokenizing.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
 
@@ -47,7 +47,7 @@ class TokenizerInfo:
     eos_id: int
     vocab_size: int
     fingerprint: str
-    encoder: Any  # stages/lib/encoders.py: TiktokenEncoder or TokenizersEncoder
+    encoder: Any  # stages/lib/tokenizing/encoders.py: TiktokenEncoder or TokenizersEncoder
 
 
 def main() -> None:

@@ -11,17 +11,17 @@ from typing import Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from stages.lib.errors import UserError, run_stage
-from stages.lib.files import replaced_folder
-from stages.lib.hf_tokenizer import KEY, load_tokenizer_folder
-from stages.lib.params import RENDERED_DIR, TOKENIZER_DIR, TokenizerParams, load_params
-from stages.lib.mixture import read_spans
-from stages.lib.records import RECORDS_FILE, parse_record, templates_used
+from stages.lib.base.errors import UserError, run_stage
+from stages.lib.base.files import replaced_folder
+from stages.lib.base.params import RENDERED_DIR, TOKENIZER_DIR, TokenizerParams, load_params
+from stages.lib.tokenizing.loading import KEY, load_tokenizer_folder
+from stages.lib.tokenizing.mixture import read_spans
+from stages.lib.tokenizing.records import RECORDS_FILE, parse_record, templates_used
 
 EOS_TOKEN = "<|endoftext|>"
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# The same text the render stage writes for the chatml template (stages/lib/templates.py, tool calls included), so
-# generation sees what training saw.
+# The same text the render stage writes for the chatml template (stages/lib/ingest/chat_templates.py, tool calls
+# included), so generation sees what training saw.
 CHATML_TEMPLATE = (
     "{%- set ns = namespace(messages=messages) %}"
     "{%- if tools %}"

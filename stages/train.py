@@ -8,20 +8,20 @@ checkpoint, logs to DVCLive, exports the model to `models/<model_name>/`, draws 
 Once the budget is spent a session changes nothing, and says so before importing torch.
 
 Budget: `total_step_budget` optimizer steps over all sessions, or, when it is 0, `epochs` passes over the training
-samples (windows of the token stream, or packed whole documents: `train.packing`, stages/lib/batches.py) rounded
-up to whole steps. The learning-rate schedule (`train.schedule`: cosine, or wsd) spans the whole
-budget, so splitting a run into sessions changes nothing: on CPU the weights come out bitwise identical. Raising the
-budget later continues the run from its checkpoint (stages/lib/decision.py says how).
+samples (windows of the token stream, or packed whole documents: `train.packing`, stages/lib/tokenizing/batches.py)
+rounded up to whole steps. The learning-rate schedule (`train.schedule`: cosine, or wsd) spans the whole budget, so
+splitting a run into sessions changes nothing: on CPU the weights come out bitwise identical. Raising the budget later
+continues the run from its checkpoint (stages/lib/training/decision.py says how).
 
-This module is the command's face; a session is put together in stages/lib/training.py.
+This module is the command's face; a session is put together in stages/lib/training/trainer.py.
 """
 
 import sys
 
-from stages.lib.errors import run_stage
-from stages.lib.launcher import under_torchrun
-from stages.lib.params import load_params
-from stages.lib.preflight import budget_spent_message, nothing_to_train
+from stages.lib.base.errors import run_stage
+from stages.lib.base.params import load_params
+from stages.lib.distributed.launcher import under_torchrun
+from stages.lib.training.preflight import budget_spent_message, nothing_to_train
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     if done is not None:
         print("\n".join([*done.messages, budget_spent_message(done, params.train)]))
         return
-    from stages.lib.training import train_in_processes  # torch and transformers: only when there is work
+    from stages.lib.training.trainer import train_in_processes  # torch and transformers: only when there is work
 
     sys.exit(train_in_processes(params))
 

@@ -9,9 +9,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from stages.lib.records import record_line
-from stages.lib.token_files import SplitWriter, new_meta, write_meta
-from stages.lib.render_stats import Stats
+from stages.lib.ingest.tally import Stats
+from stages.lib.tokenizing.records import record_line
+from stages.lib.tokenizing.token_files import SplitWriter, new_meta, write_meta
 
 WORD_SPECIALS = ("<eos>", "<pad>")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib.workspace import SESSIONS_LOG, belongs_to_dvc, pipeline_outputs
+from stages.lib.daily.workspace import SESSIONS_LOG, belongs_to_dvc, pipeline_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP_PARTS = {"tests", "bench", ".venv"}

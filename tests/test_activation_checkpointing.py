@@ -4,11 +4,11 @@ while far less is kept for the backward pass, and a run split into sessions stil
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from stages.lib.loss import LossModule
-from stages.lib.model import checkpoint_activations, new_model
-from stages.lib.params import ModelParams
 from train_helpers import make_workspace, read_tsv, session
+
+from stages.lib.base.params import ModelParams
+from stages.lib.modeling.families import checkpoint_activations, new_model
+from stages.lib.modeling.loss import LossModule
 
 
 def saved_for_backward(module, tokens, labels) -> tuple[torch.Tensor, int]:

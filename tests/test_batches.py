@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib.batches import (IGNORE_INDEX, PackedDocuments, SampleOrder, StreamWindows, TrainBatches,
-                                counted_tokens, next_fit, validation_batches)
+from stages.lib.tokenizing.batches import (
+    IGNORE_INDEX,
+    PackedDocuments,
+    SampleOrder,
+    StreamWindows,
+    TrainBatches,
+    counted_tokens,
+    next_fit,
+    validation_batches,
+)
 
 SEQ = 16
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib import checkpoint as ckpt
-from stages.lib import checkpoint_store as store
-from stages.lib.checkpoint import Unreadable
-from stages.lib.model import tied_names
-from stages.lib.parallel import ParallelModel
-from stages.lib.world import World
+from stages.lib.checkpointing import parts as ckpt
+from stages.lib.checkpointing import store
+from stages.lib.checkpointing.parts import Unreadable
+from stages.lib.distributed.parallel import ParallelModel
+from stages.lib.distributed.world import World
+from stages.lib.modeling.families import tied_names
 
 
 def model_and_optimizer(seed):

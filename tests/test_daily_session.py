@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from dvc_helpers import REPO, checkpoint_step, command_env, configure_git, needs_dvc, new_project, run
-from stages.lib.params import load_params
+from safetensors.torch import load_file
 from train_helpers import session
+
+from stages.lib.base.params import load_params
 
 pytestmark = [needs_dvc, pytest.mark.slow]
 

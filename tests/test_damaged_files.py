@@ -4,13 +4,13 @@ import json
 import shutil
 
 import pytest
-
-from stages.lib.errors import UserError
-from stages.lib.inference import choose_style
-from stages.lib.records import templates_used
-from stages.lib.token_files import FORMAT_VERSION as TOKEN_FORMAT
-from stages.lib.token_files import open_split, read_meta
 from train_helpers import make_tokenizer, make_workspace, read_tsv, run_stage, session
+
+from stages.lib.base.errors import UserError
+from stages.lib.modeling.inference import choose_style
+from stages.lib.tokenizing.records import templates_used
+from stages.lib.tokenizing.token_files import FORMAT_VERSION as TOKEN_FORMAT
+from stages.lib.tokenizing.token_files import open_split, read_meta
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_an_init_from_folder_transformers_cannot_load(trained, tmp_path):
 
 
 def test_native_windows_stops_at_start_pointing_to_wsl(monkeypatch, capsys):
-    from stages.lib import errors
+    from stages.lib.base import errors
     monkeypatch.setattr(errors.os, "name", "nt")
     with pytest.raises(SystemExit) as stopped:
         errors.run_stage(lambda: pytest.fail("a stage must not start on native Windows"))
@@ -91,7 +91,7 @@ def test_native_windows_stops_at_start_pointing_to_wsl(monkeypatch, capsys):
 def test_a_full_disk_is_a_message_saying_nothing_complete_was_replaced_and_what_to_do(capsys):
     import errno
 
-    from stages.lib import errors
+    from stages.lib.base import errors
 
     def fills_the_disk():
         raise OSError(errno.ENOSPC, "No space left on device", "checkpoints/.tmp-step-00000010/model.safetensors")

@@ -6,10 +6,10 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-
-from stages.lib.deadline import (PUSH_SPEED_ENV, find_time_limit, parse_slurm_duration, session_minutes)
-from stages.lib.errors import UserError
 from train_helpers import checkpoint_step, make_workspace, session
+
+from stages.lib.base.errors import UserError
+from stages.lib.training.deadline import PUSH_SPEED_ENV, find_time_limit, parse_slurm_duration, session_minutes
 
 NOW = 1_800_000_000.0
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_tokenizer, write_rendered
+from test_tokenize import PARAMS, sample_records
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from conftest import save_tokenizer, write_rendered
-from stages.lib.encoders import TiktokenEncoder, TokenizersEncoder, byte_decoder, encoder_for
+from stages.lib.tokenizing.encoders import TiktokenEncoder, TokenizersEncoder, byte_decoder, encoder_for
 from stages.tokenize import tokenize_records
 from stages.tokenizer import train_bpe
-from test_tokenize import PARAMS, sample_records
 
 EOS = "<|endoftext|>"
 # Llama 3's split pattern: contractions any case, letters with one leading non-letter, digits in threes, ...

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
-from stages import evaluate
-from stages.lib.batches import PackedDocuments, StreamWindows
-from stages.lib.errors import UserError
-from stages.lib.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
 from conftest import write_token_files
 from test_generate import save_tiny_export
+
+from stages import evaluate
+from stages.lib.base.errors import UserError
+from stages.lib.modeling.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
+from stages.lib.tokenizing.batches import PackedDocuments, StreamWindows
 
 SEQ_LEN = 8
 
@@ -185,7 +185,7 @@ def test_missing_export_says_to_run_the_train_stage(tmp_path, monkeypatch):
 
 
 def test_bundled_held_out_prompts_for_a_model_of_other_data_are_warned_about(tmp_path, monkeypatch):
-    from stages.lib.params import RenderParams, SourceParams
+    from stages.lib.base.params import RenderParams, SourceParams
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "eval").mkdir(parents=True)

@@ -4,13 +4,12 @@ AutoModelForCausalLM and generates."""
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
-                          Qwen2Config)
-
-from stages.lib.batches import IGNORE_INDEX
-from stages.lib.loss import make_loss_fn
-from stages.lib.model import has_plain_head
 from train_helpers import EOS_ID, PAD_ID, VOCAB, make_workspace, read_tsv, session
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PhiConfig, Qwen2Config
+
+from stages.lib.modeling.families import has_plain_head
+from stages.lib.modeling.loss import make_loss_fn
+from stages.lib.tokenizing.batches import IGNORE_INDEX
 
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "max_position_embeddings": 64, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
+from conftest import save_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import save_tokenizer
-
-from stages.lib import inference, templates
-from stages.lib.errors import UserError
 from stages import generate as generate_command
 from stages.generate import Conversation
-from stages.lib.inference import Decoding, choose_chat_template, choose_style, generate_ids, load_model
+from stages.lib.base.errors import UserError
+from stages.lib.ingest import chat_templates as templates
+from stages.lib.modeling import inference
+from stages.lib.modeling.inference import Decoding, choose_chat_template, choose_style, generate_ids, load_model
 
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -12,16 +12,16 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
-
-from stages.lib import lora
-from stages.lib.decision import changed_settings, fingerprint_values
-from stages.lib.errors import UserError
-from stages.lib.inference import load_model
-from stages.lib.model import pretrained_model
-from stages.lib.params import ParamError, load_params
 from test_families import SMALL, base_model
 from train_helpers import VOCAB, make_workspace, read_tsv, run_stage, session, tiny_params, tree_bytes
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import ParamError, load_params
+from stages.lib.modeling import lora
+from stages.lib.modeling.families import pretrained_model
+from stages.lib.modeling.inference import load_model
+from stages.lib.training.decision import changed_settings, fingerprint_values
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.1}
 PROJECTIONS = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},

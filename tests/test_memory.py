@@ -6,19 +6,36 @@ import contextlib
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
-                          Qwen2Config)
+from test_families import base_model
+from train_helpers import (
+    EOS_ID,
+    PAD_ID,
+    REPO,
+    TINY,
+    VOCAB,
+    checkpoint_step,
+    inside,
+    make_workspace,
+    session,
+    write_params,
+)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PhiConfig,
+    Qwen2Config,
+)
 
 from stages import memory_plan
-from stages.lib import lora, memory
-from stages.lib.errors import UserError
-from stages.lib.loss import LossModule
-from stages.lib.memory import GIB, Setup, model_shape, plan_memory, settings_that_fit
-from stages.lib.model import new_model_config
-from stages.lib.params import LoraParams, ModelParams
-from test_families import base_model
-from train_helpers import (EOS_ID, PAD_ID, REPO, TINY, VOCAB, checkpoint_step, inside, make_workspace, session,
-                           write_params)
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import LoraParams, ModelParams
+from stages.lib.modeling import lora, memory
+from stages.lib.modeling.families import new_model_config
+from stages.lib.modeling.loss import LossModule
+from stages.lib.modeling.memory import GIB, Setup, model_shape, plan_memory, settings_that_fit
 
 SMALL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3,
          "num_attention_heads": 4, "max_position_embeddings": 256}

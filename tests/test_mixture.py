@@ -6,16 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import save_tokenizer
-from stages.lib.errors import UserError
-from stages.lib.mixture import SourceSpan, weighted
-from stages.lib.params import TokenizeParams, parse_params
-from stages.lib.token_files import open_split, read_meta
+from test_render import in_tmp, write  # noqa: F401
+
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import TokenizeParams, parse_params
+from stages.lib.tokenizing.mixture import SourceSpan, weighted
+from stages.lib.tokenizing.token_files import open_split, read_meta
 from stages.render import render
 from stages.tokenize import tokenize_records
 from stages.tokenizer import train_bpe
-from test_render import in_tmp, write  # noqa: F401
 
 WORDS = [f"t{i}" for i in range(2, 300)]
 
@@ -132,7 +132,7 @@ def test_the_tokenizer_is_trained_on_the_training_sources_only(tmp_path):
     write("raw/train.txt", "alphabet soup\n\n" * 40)
     write("raw/val.txt", "zulu quebec\n\n" * 40)
     render(parse_params({"render": {"data_path": "raw", "validation_path": "raw/val.txt"}}), "rendered")
-    from stages.lib.params import TokenizerParams
+    from stages.lib.base.params import TokenizerParams
     from stages.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(TokenizerParams(vocab_size=300, min_frequency=2), Path("rendered"), Path("tok"))

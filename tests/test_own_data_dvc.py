@@ -5,7 +5,6 @@
 import json
 
 import pytest
-
 from dvc_helpers import new_project, run, set_params
 from test_pipeline_dvc import TINY_PARAMS, pytestmark, ran  # noqa: F401
 

@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
-from stages.lib.batches import IGNORE_INDEX, Batch, PackedDocuments
-from stages.lib.loss import make_loss_fn, one_row
-from stages.lib.model import keeps_documents_apart, new_model, pick_document_attention
-from stages.lib.params import ModelParams
+from stages.lib.base.params import ModelParams
+from stages.lib.modeling.families import keeps_documents_apart, new_model, pick_document_attention
+from stages.lib.modeling.loss import make_loss_fn, one_row
+from stages.lib.tokenizing.batches import IGNORE_INDEX, Batch, PackedDocuments
 
 VOCAB, SEQ = 64, 32
 

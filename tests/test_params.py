@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib.params import ParamError, Params, load_params, parse_params
+from stages.lib.base.params import ParamError, Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dvc_helpers import REPO, checkpoint_step, command_env, needs_dvc, new_project, run, set_params
 
 TINY_PARAMS = {

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from stages.lib import checkpoint as ckpt
-from stages.lib.errors import UserError
-from stages.lib.files import write_atomically
-from stages.lib.model import new_model
-from stages.lib.params import ModelParams
-from stages.lib.precision import LossScaler, inference_dtype, pick_precision, precision_for
 from train_helpers import make_workspace, read_tsv, run_stage, session
+
+from stages.lib.base.errors import UserError
+from stages.lib.base.files import write_atomically
+from stages.lib.base.params import ModelParams
+from stages.lib.checkpointing import parts as ckpt
+from stages.lib.modeling.families import new_model
+from stages.lib.modeling.precision import LossScaler, inference_dtype, pick_precision, precision_for
 
 T4, V100, P100, GTX1080, A100, H100 = (7, 5), (7, 0), (6, 0), (6, 1), (8, 0), (9, 0)
 

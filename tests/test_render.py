@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import save_tokenizer
-from stages.lib import templates
-from stages.lib.errors import UserError
-from stages.lib.params import parse_params
+
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import parse_params
+from stages.lib.ingest import chat_templates as templates
 from stages.render import render
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,10 +3,21 @@
 import json
 
 import pytest
+from test_render import (  # noqa: F401
+    ALPACA_NO_INPUT,
+    CHAT,
+    CHATML_SEGMENTS,
+    hf,
+    in_tmp,
+    jsonl,
+    make_hf_tokenizer,
+    response_texts,
+    run,
+    texts,
+    write,
+)
 
-from stages.lib.errors import UserError
-from test_render import (ALPACA_NO_INPUT, CHATML_SEGMENTS, CHAT, hf, in_tmp, jsonl, make_hf_tokenizer,  # noqa: F401
-                         response_texts, run, texts, write)
+from stages.lib.base.errors import UserError
 
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                                  "parameters": {"type": "object",
@@ -108,11 +119,12 @@ def test_tool_calls_and_results_render_in_chatml_with_the_tools(record):
 
 
 def test_the_exported_chatml_template_renders_tool_conversations_as_training_did():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
-    from stages.lib.fields import Mapping, read_chat
-    from stages.lib.params import FieldNames
-    from stages.lib.templates import render_chat
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.lib.base.params import FieldNames
+    from stages.lib.ingest.chat_templates import render_chat
+    from stages.lib.ingest.fields import Mapping, read_chat
     from stages.tokenizer import CHATML_TEMPLATE
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="<|endoftext|>",

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
-from stages.lib.errors import UserError
-from stages.lib.params import parse_params
-from stages.lib import readers
-from stages.render import render
 from test_render import ALPACA_NO_INPUT, CHAT, CHATML_SEGMENTS, in_tmp, jsonl, run, texts, write  # noqa: F401
+
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import parse_params
+from stages.lib.ingest import readers
+from stages.render import render
 
 INSTRUCTIONS = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(5)]
 
@@ -104,7 +104,7 @@ def test_a_cut_off_gzip_file_keeps_what_came_before_and_counts_the_damage():
 
 
 def test_a_compressed_file_is_cut_into_pieces_as_it_is_read():
-    from stages.lib.pieces import expanded, file_layout, plan_file
+    from stages.lib.ingest.pieces import expanded, file_layout, plan_file
 
     lines = jsonl(*INSTRUCTIONS * 300)
     write("raw/i.jsonl.zst", zstandard.ZstdCompressor().compress(lines.encode()))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.params import parse_params
+from stages.lib.base.params import parse_params
 from stages.render import render
 
 REPO = Path(__file__).resolve().parents[1]

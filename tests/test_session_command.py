@@ -6,11 +6,11 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-
 from dvc_helpers import REPO
+
 from stages import session as command
-from stages.lib import workspace as ws
-from stages.lib.params import load_params
+from stages.lib.base.params import load_params
+from stages.lib.daily import workspace as ws
 
 
 def test_train_values_are_set_in_place_with_comments_and_alignment_kept():

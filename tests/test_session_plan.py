@@ -4,13 +4,19 @@ and what each session adds to DVC's cache; printed and logged once the first ste
 import math
 
 import pytest
-
-from stages.lib import lora
-from stages.lib.model import new_model
-from stages.lib.params import LoraParams, ModelParams
-from stages.lib.session_plan import (PLAN_AFTER_STEPS, export_seconds, plan_lines, plan_metrics, plan_session,
-                                     stored_bytes)
 from train_helpers import make_workspace, read_tsv, session
+
+from stages.lib.base.params import LoraParams, ModelParams
+from stages.lib.modeling import lora
+from stages.lib.modeling.families import new_model
+from stages.lib.training.session_plan import (
+    PLAN_AFTER_STEPS,
+    export_seconds,
+    plan_lines,
+    plan_metrics,
+    plan_session,
+    stored_bytes,
+)
 
 TIMES = [9.0, 2.0, 2.0, 3.0, 2.0]  # the first step carries the warm-up
 

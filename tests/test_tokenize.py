@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_rendered
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import write_rendered
-from stages.lib.errors import UserError
-from stages.lib.params import TokenizeParams
-from stages.lib.token_files import open_split, read_meta, read_split, token_dtype
-from stages.lib.records import parse_record
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import TokenizeParams
+from stages.lib.tokenizing.records import parse_record
+from stages.lib.tokenizing.token_files import open_split, read_meta, read_split, token_dtype
 from stages.tokenize import load_tokenizer, response_token_mask, split_documents, tokenize_records
 from stages.tokenizer import train_bpe
 

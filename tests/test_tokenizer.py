@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tokenizer, text_records
+from conftest import write_rendered as write_records
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from conftest import save_tokenizer, text_records
-from conftest import write_rendered as write_records
-
-from stages.lib.errors import UserError
-from stages.lib.params import TokenizerParams
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import TokenizerParams
 from stages.tokenizer import build_tokenizer
 
 BPE = TokenizerParams(tokenizer_type="bpe", vocab_size=400, min_frequency=2)
@@ -176,7 +175,7 @@ def test_a_tokenizer_json_that_cannot_be_read_gets_a_message_saying_what_and_how
 
 
 def test_the_render_stage_gives_the_same_message_for_a_chat_template(tmp_path, monkeypatch):
-    from stages.lib.params import parse_params
+    from stages.lib.base.params import parse_params
     from stages.render import render
 
     folder = old_form_merges(tmp_path / "old")

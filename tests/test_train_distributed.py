@@ -12,16 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import (
+    LONG_RUN,
+    TINY,
+    checkpoint_step,
+    make_workspace,
+    read_tsv,
+    run_stage,
+    session,
+    stage_env,
+    wait_for_steps,
+    write_params,
+)
 
-from stages.lib import checkpoint as ckpt
-from stages.lib import checkpoint_store as store
-from stages.lib.launcher import processes_to_start
-from stages.lib.errors import UserError
-from stages.lib.model import new_model, tied_names
-from stages.lib.params import ModelParams, parse_params
-from stages.lib.decision import fit_global_batch
-from train_helpers import (LONG_RUN, TINY, checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_env,
-                           wait_for_steps, write_params)
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import ModelParams, parse_params
+from stages.lib.checkpointing import parts as ckpt
+from stages.lib.checkpointing import store
+from stages.lib.distributed.launcher import processes_to_start
+from stages.lib.modeling.families import new_model, tied_names
+from stages.lib.training.decision import fit_global_batch
 
 # Two processes of batch 4 against one process of batch 4 x grad_accum 2: the same global batch of 8.
 RUN = {"total_step_budget": 8, "batch_size": 4}
@@ -168,7 +178,7 @@ def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint_and_its_e
 
 MASKED_ON_RANK_1 = """
 import os
-import stages.lib.batches as batches
+import stages.lib.tokenizing.batches as batches
 from stages.train import main
 
 if os.environ["RANK"] == "1":  # every target of this rank's micro-batch of step 1 is a prompt token

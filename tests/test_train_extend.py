@@ -8,9 +8,9 @@ import json
 import shutil
 
 import pytest
-
-from stages.lib.schedule import Schedule
 from train_helpers import checkpoint_step, make_workspace, read_tsv, session, tree_bytes
+
+from stages.lib.training.schedule import Schedule
 
 WSD = {"schedule": "wsd", "decay_steps": 4, "save_every": 5}
 METRICS = ("train/loss", "lr", "grad_norm")  # val/loss also has rows where a session ended

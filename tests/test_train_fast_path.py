@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
-
-from stages.lib.checkpoint_store import RECOVERY_DIR
-from stages.lib.preflight import nothing_to_train
-from stages.lib.training import decide_on_main
-from stages.lib.batches import split_samples
-from stages.lib.token_files import packing_for, read_meta
 from train_helpers import inside, make_workspace, session, stage_env, tiny_params, write_params
+
+from stages.lib.checkpointing.store import RECOVERY_DIR
+from stages.lib.tokenizing.batches import split_samples
+from stages.lib.tokenizing.token_files import packing_for, read_meta
+from stages.lib.training.preflight import nothing_to_train
+from stages.lib.training.trainer import decide_on_main
 
 SPENT_STAGE_IMPORTS_NO_TORCH = """
 import sys

@@ -2,17 +2,17 @@
 
 import pytest
 import torch
+from conftest import save_tokenizer
 from torch.utils.flop_counter import FlopCounterMode
+from train_helpers import VOCAB, make_tokenizer, tree_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.lib.batches import IGNORE_INDEX
-from stages.lib.errors import UserError
-from stages.lib.export import export_model
-from stages.lib.loss import head_loss_sum, make_loss_fn
-from stages.lib.model import new_model, pretrained_model, set_special_ids
-from stages.lib.params import ModelParams
-from conftest import save_tokenizer
-from train_helpers import VOCAB, make_tokenizer, tree_bytes
+from stages.lib.base.errors import UserError
+from stages.lib.base.params import ModelParams
+from stages.lib.modeling.export import export_model
+from stages.lib.modeling.families import new_model, pretrained_model, set_special_ids
+from stages.lib.modeling.loss import head_loss_sum, make_loss_fn
+from stages.lib.tokenizing.batches import IGNORE_INDEX
 
 SPECIAL = {"bos_token_id": None, "eos_token_id": 0, "pad_token_id": 1}
 

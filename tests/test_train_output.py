@@ -5,12 +5,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
-from stages.lib.live_logs import logged_rows
-from stages.lib.loss_plot import loss_svg
-from stages.lib.progress import Progress
-from stages.lib.summary import SessionNumbers, read_losses, summary_lines
 from train_helpers import make_workspace, read_tsv, run_stage
+
+from stages.lib.base.progress import Progress
+from stages.lib.checkpointing.live_logs import logged_rows
+from stages.lib.training.loss_plot import loss_svg
+from stages.lib.training.summary import SessionNumbers, read_losses, summary_lines
 
 
 def test_the_summary_says_what_the_session_did_to_the_run():

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
-from stages.lib.errors import UserError
 from train_helpers import checkpoint_step, make_workspace, read_tsv, session, tree_bytes
+
+from stages.lib.base.errors import UserError
 
 
 def state(root):

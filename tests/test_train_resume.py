@@ -1,25 +1,36 @@
 """Sessions of the train stage: split, interrupted, killed or repeated, a run ends exactly where one session would."""
 
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
-import json
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import (
+    LONG_RUN,
+    checkpoint_step,
+    make_workspace,
+    read_tsv,
+    run_stage,
+    session,
+    stage_command,
+    stage_env,
+    tree_bytes,
+    wait_for_steps,
+    write_params,
+)
 from transformers import AutoModelForCausalLM
 
-from stages.lib.errors import UserError
-from stages.lib.devices import pick_device
-from stages.lib.hashing import model_digest
-from stages.lib.precision import pick_precision
-from stages.lib.session import SessionTimer
-from train_helpers import (LONG_RUN, checkpoint_step, make_workspace, read_tsv, run_stage, session, stage_command,
-                           stage_env, tree_bytes, wait_for_steps, write_params)
+from stages.lib.base.devices import pick_device
+from stages.lib.base.errors import UserError
+from stages.lib.checkpointing.hashing import model_digest
+from stages.lib.modeling.precision import pick_precision
+from stages.lib.training.loop import SessionTimer
 
 METRICS = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_seen")
 OUTPUTS = ("checkpoints", "outputs", "models", ".checkpoint-recovery")
@@ -93,7 +104,7 @@ def test_a_second_session_fails_at_once_naming_the_first_and_a_dead_ones_lock_is
 HANG_WHILE_SAVING = """
 import json, sys, time
 from pathlib import Path
-import stages.lib.checkpoint_store as store
+import stages.lib.checkpointing.store as store
 from stages.train import main
 
 def hang(tmp):
@@ -135,7 +146,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_the_run_stays_ex
 
 SLOW_STEPS = """
 import time
-from stages.lib.session import Session
+from stages.lib.training.loop import Session
 from stages.train import main
 
 step = Session.step

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stages.lib.schedule import Schedule, agrees_until, session_end, time_for_another_step, total_steps
+from stages.lib.training.schedule import Schedule, agrees_until, session_end, time_for_another_step, total_steps
 
 
 def cosine(total, lr=1.0, min_lr=0.1, warmup=10):

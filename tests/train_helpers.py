@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
 from conftest import save_tokenizer, write_token_files
-from stages.lib.params import TrainParams, parse_params
+
+from stages.lib.base.params import TrainParams, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny models run fastest on one thread (two OpenMP threads stall badly on a busy machine), and sessions compared
@@ -132,7 +132,7 @@ def inside(folder: Path):
 
 def session(root: Path, train: TrainParams | None = None, **train_overrides):
     """One in-process session in workspace `root` with `train`, or TINY plus overrides; returns its SessionResult."""
-    from stages.lib.training import run_session
+    from stages.lib.training.trainer import run_session
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:

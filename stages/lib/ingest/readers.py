@@ -1,0 +1,328 @@
+"""Reading raw data files as people have them: plain text, JSON, JSONL and Parquet, plain or compressed.
+
+Every reader streams: memory holds a line, a JSON array element or a Parquet batch of rows, never the file. A
+reader yields `(Location, item)` pairs, where the item is a document's text, a parsed JSON value or a Parquet row
+(a dict), or a `RecordError` saying why that record cannot be used. Locations are what error messages and
+stats.json name: `file:line` for a line, `file[i]` for element i of a JSON array (with the line it starts on) or
+row i of a Parquet file, both counting from 0.
+
+- Plain text (`.txt`): documents cut by `text_split` (paragraph | line | file); a line that is not UTF-8 is named
+  by its own line number in every mode.
+- JSON (`.json`, `.jsonl`): a JSON array of records, or one record per line. A file starting with `[` is a JSON
+  array unless its first line is, by itself, a list of messages: then each line is a conversation. A JSON array is
+  parsed element by element from a buffered stream, so a 2 GB array needs a few MB of memory.
+- Parquet (`.parquet`): rows read by row group, only the columns asked for.
+- Any of the text formats compressed with gzip (`.gz`) or zstd (`.zst`), decompressed as a stream.
+
+A file is read in `Piece`s (see stages/lib/ingest/pieces.py); reading a file's pieces one after the other yields exactly
+what reading the whole file yields.
+"""
+
+import codecs
+import gzip
+import io
+import json
+import re
+from pathlib import Path
+from typing import IO, Any, Iterator, NamedTuple
+
+from stages.lib.base.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+BOM = b"\xef\xbb\xbf"
+_CHUNK = 1 << 20  # characters of a JSON array read at a time
+_MAX_ELEMENT = 256 << 20  # a JSON array element longer than this is taken for broken JSON
+_SNIFF_LINE = 16 << 20  # a first line longer than this is not one conversation
+_SPACE = re.compile(r"[ \t\n\r]*")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under errors="surrogateescape"
+
+
+class RecordError(Exception):
+    """One record that cannot be rendered; skippable with render.on_error: skip."""
+
+
+class Location(NamedTuple):
+    """Where a record comes from: a line of a file, an element of a JSON array, or a row of a Parquet file."""
+
+    file: str
+    line: int | None = None
+    index: int | None = None
+    unit: str = "line"  # line | element | row
+
+    def __str__(self) -> str:
+        if self.index is not None:
+            return f"{self.file}[{self.index}]"
+        return f"{self.file}:{self.line}" if self.line is not None else self.file
+
+    def described(self) -> str:
+        """The location as an error message names it."""
+        if self.unit == "element":
+            return f"{self} (element {self.index} of the JSON array, counting from 0, starting at line {self.line})"
+        if self.unit == "row":
+            return f"{self} (row {self.index} of the Parquet file, counting from 0)"
+        return str(self)
+
+    def as_json(self) -> dict:
+        """The location as stats.json lists it."""
+        if self.unit == "element":
+            return {"file": self.file, "record": self.index, "line": self.line}
+        if self.unit == "row":
+            return {"file": self.file, "row": self.index}
+        return {"file": self.file, "line": self.line}
+
+
+def split_suffix(path: Path) -> tuple[str, str | None]:
+    """(data suffix, compression) of a file name: `a.jsonl.zst` -> ('.jsonl', 'zstd'), `a.txt` -> ('.txt', None)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    return (suffixes[-1] if suffixes else ""), compression
+
+
+def open_binary(path: Path, raw: IO[bytes] | None = None) -> IO[bytes]:
+    """The file's bytes as a stream, decompressed on the fly when its name ends in .gz or .zst.
+
+    `raw`: the file already open (its position then tells how much of the compressed file was read).
+    """
+    compression = split_suffix(path)[1]
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw) if raw else gzip.open(path, "rb")
+    if compression == "zstd":
+        import zstandard  # only needed for .zst files
+
+        # read_across_frames: files written by parallel compressors hold many frames; a large window for --long.
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+            raw or open(path, "rb"), read_across_frames=True, closefd=raw is None)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return raw or open(path, "rb")
+
+
+def damaged(path: Path, err: Exception) -> RecordError:
+    """The error for a file whose data breaks off (a cut-off download, a damaged compressed stream)."""
+    suffix, compression = split_suffix(path)
+    what = compression or ("Parquet" if suffix == ".parquet" else "file's")
+    return RecordError(f"the {what} data is damaged or cut off ({type(err).__name__}: {err}); the rest of the file "
+                       "cannot be read: download or compress it again")
+
+
+# ---- lines and plain text ---------------------------------------------------------------------------------------
+
+def read_lines(stream: IO[bytes], first_line: int = 1,
+               size: int | None = None) -> Iterator[tuple[int, str | RecordError]]:
+    """(line number, text without its line ending) for each line of `stream`, up to `size` bytes when given.
+
+    Line 1 loses a UTF-8 byte order mark; a line that is not UTF-8 is a RecordError naming the byte.
+    """
+    done = 0
+    for number, raw in enumerate(stream, first_line):
+        if number == 1:
+            raw = raw.removeprefix(BOM)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, RecordError(f"bytes that are not UTF-8 at byte {err.start + 1} of the line "
+                                      f"({raw[err.start:err.start + 4]!r}); save the file as UTF-8")
+        else:
+            yield number, text.removesuffix("\n").removesuffix("\r")
+        done += len(raw)
+        if size is not None and done >= size:
+            return
+
+
+def text_documents(lines: Iterator[tuple[int, str | RecordError]], file: str,
+                   split: str) -> Iterator[tuple[Location, str | RecordError]]:
+    """The documents of plain text lines, cut by `split` (paragraph | line | file).
+
+    A document holding a line that is not UTF-8 is a RecordError located at that line, its first bad one.
+    """
+    if split == "line":
+        for number, line in lines:
+            if isinstance(line, RecordError) or line.strip():
+                yield Location(file, number), line
+        return
+    doc: list[str] = []
+    first, bad = 0, None
+    for number, line in lines:
+        if split == "paragraph" and not isinstance(line, RecordError) and not line.strip():
+            if doc or bad:
+                yield _document(file, first, doc, bad, split)
+            doc, bad = [], None
+            continue
+        if not doc and bad is None:
+            first = number
+        if isinstance(line, RecordError):
+            bad = bad or (number, line)
+            continue
+        doc.append(line)
+    if bad or (doc and "".join(doc).strip()):
+        yield _document(file, first, doc, bad, split)
+
+
+def _document(file: str, first: int, doc: list[str], bad: tuple | None, split: str) -> tuple[Location, Any]:
+    if bad:
+        line, err = bad
+        where = f", in the {split if split == 'paragraph' else 'document'} that starts at line {first}" \
+            if line != first else ""
+        return Location(file, line), RecordError(f"{err}{where}")
+    text = "\n".join(doc)
+    return Location(file, first), text.rstrip("\n") if split == "file" else text
+
+
+# ---- JSON -------------------------------------------------------------------------------------------------------
+
+def jsonl_records(lines: Iterator[tuple[int, str | RecordError]], file: str) -> Iterator[tuple[Location, Any]]:
+    """(location, parsed value or RecordError) for each non-blank line."""
+    for number, line in lines:
+        if isinstance(line, RecordError):
+            yield Location(file, number), line
+        elif line.strip():
+            try:
+                yield Location(file, number), json.loads(line)
+            except json.JSONDecodeError as err:
+                yield Location(file, number), RecordError(f"malformed JSON ({err.msg} at column {err.colno})")
+
+
+def json_array_records(stream: IO[bytes], file: str) -> Iterator[tuple[Location, Any]]:
+    """(location, element or RecordError) for each element of the JSON array in `stream`, parsed as a stream.
+
+    Broken JSON ends the file: the elements before it are yielded, then one RecordError for the rest.
+    """
+    text = _ArrayText(stream)
+    if text.next_char() != "[":
+        yield Location(file, text.line), RecordError("expected a JSON array starting with '['")
+        return
+    text.advance(text.pos + 1)
+    index = 0
+    while True:
+        char = text.next_char()
+        if char == "]" and index == 0:
+            text.advance(text.pos + 1)
+            break
+        where = Location(file, text.line, index, "element")
+        try:
+            value, end = text.decode()
+        except json.JSONDecodeError as err:
+            line = text.line + text.text.count("\n", text.pos, max(err.pos, text.pos))
+            yield where, RecordError(
+                f"the JSON array does not parse ({err.msg}, line {line}); the elements from here to the end of "
+                "the file cannot be read until it is fixed")
+            return
+        bad = _NOT_UTF8.search(text.text, text.pos, end)
+        if bad:
+            line = text.line + text.text.count("\n", text.pos, bad.start())
+            value = RecordError(f"bytes that are not UTF-8 at line {line}; save the file as UTF-8")
+        text.advance(end)
+        yield where, value
+        index += 1
+        char = text.next_char()
+        if char == ",":
+            text.advance(text.pos + 1)
+            continue
+        if char == "]":
+            text.advance(text.pos + 1)
+            break
+        found = f"{char!r}" if char else "the end of the file"
+        yield Location(file, text.line, index, "element"), RecordError(
+            f"expected ',' or ']' after element {index - 1} of the JSON array, found {found} at line {text.line}; "
+            "the rest of the file cannot be read until it is fixed")
+        return
+    if text.next_char():
+        yield Location(file, text.line), RecordError("there is more after the JSON array's closing ']'; a .json "
+                                                     "file holds one array (or one record per line)")
+
+
+class _ArrayText:
+    """The decoded text of a stream, read a chunk at a time, with the line number of the reading position."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.reader = codecs.getreader("utf-8-sig")(stream, errors="surrogateescape")
+        self.text, self.pos, self.line, self.eof = "", 0, 1, False
+
+    def more(self) -> None:
+        """Read the next chunk (at least as much as is buffered, so a long element costs O(n log n))."""
+        chunk = self.reader.read(max(_CHUNK, len(self.text) - self.pos))
+        if not chunk:
+            self.eof = True
+        self.text = self.text[self.pos:] + chunk
+        self.pos = 0
+
+    def advance(self, to: int) -> None:
+        self.line += self.text.count("\n", self.pos, to)
+        self.pos = to
+
+    def next_char(self) -> str:
+        """The next character that is not JSON whitespace ('' at the end), moving up to it."""
+        while True:
+            self.advance(_SPACE.match(self.text, self.pos).end())
+            if self.pos < len(self.text) or self.eof:
+                return self.text[self.pos:self.pos + 1]
+            self.more()
+
+    def decode(self) -> tuple[Any, int]:
+        """The JSON value at the reading position and where it ends, reading on while it may be cut off."""
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.text, self.pos)
+                if end < len(self.text) or self.eof:
+                    return value, end
+            except json.JSONDecodeError as err:
+                cut_off = err.pos >= len(self.text) - 16 or err.msg.startswith("Unterminated string")
+                if self.eof or not cut_off or len(self.text) - self.pos > _MAX_ELEMENT:
+                    raise
+            self.more()
+
+
+_DECODER = json.JSONDecoder()
+
+
+def starts_as_array(stream: IO[bytes], role_keys: tuple[str, ...]) -> bool:
+    """Whether a JSON file is a JSON array (True) or one record per line (False).
+
+    The first non-blank character decides, except that a first line that is by itself a JSON list of messages
+    (objects with a role) makes the file one conversation per line.
+    """
+    while raw := stream.readline(_SNIFF_LINE):
+        line = raw.removeprefix(BOM).strip()
+        if not line:
+            continue
+        if not line.startswith(b"["):
+            return False
+        try:
+            first = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return True
+        return not (first and isinstance(first[0], dict) and any(k in first[0] for k in role_keys))
+    return False
+
+
+# ---- Parquet ----------------------------------------------------------------------------------------------------
+
+def parquet_rows(path: Path, file: str, row_groups: list[int], first_row: int,
+                 columns: list[str]) -> Iterator[tuple[Location, Any]]:
+    """(location, row as a dict of the given columns) for the rows of some row groups of a Parquet file."""
+    import pyarrow as pa  # only needed for Parquet files
+
+    row = first_row
+    try:
+        # No pyarrow threads: the render stage's worker processes are the parallelism.
+        for batch in open_parquet(path).iter_batches(batch_size=1024, row_groups=row_groups, columns=columns,
+                                                     use_threads=False):
+            for record in batch.to_pylist():
+                yield Location(file, index=row, unit="row"), record
+                row += 1
+    except (OSError, pa.ArrowException) as err:
+        yield Location(file, index=row, unit="row"), damaged(path, err)
+
+
+def open_parquet(path: Path) -> Any:
+    """A pyarrow ParquetFile; a clear error when the file is not Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"{path.as_posix()} is not a readable Parquet file ({err}); check that it downloaded "
+                        "completely (a Git LFS pointer is a small text file: run `git lfs pull`)") from None

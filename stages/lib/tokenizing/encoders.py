@@ -1,0 +1,232 @@
+"""Encoding documents for the tokenize stage: with the `tokenizers` library, or with tiktoken where it gives the
+same ids, several times faster.
+
+Both encoders turn a chunk of documents into one id array (each document's ids followed by EOS), the number of
+tokens per document, and, for the documents asked for, each token's character offsets as `tokenizers` gives them.
+
+tiktoken runs a byte-level BPE by the rank of each token (merge the adjacent pair whose joined bytes rank lowest),
+`tokenizers` by the rank of each merge (merge the adjacent pair listed first in `merges`). With the ranks taken
+from the merges' order the two agree on every input provided that the BPE of each token's own bytes is that one
+token, because a pair that is not a listed merge can then never become adjacent while its joined bytes are a
+token (the pieces of a token's bytes evolve exactly as they do when the token's bytes are encoded alone). So the
+tiktoken encoder is built only for a tokenizer.json of a shape whose every step tiktoken reproduces, and only
+after that check passes for every token:
+- no normalizer; a ByteLevel pre-tokenizer with GPT-2's split pattern (optionally after splitting digits one by
+  one, as the BPE trained here does) or a Split by a regex followed by a ByteLevel without one (Llama 3 style);
+- a BPE model over the 256 byte tokens, without dropout, byte fallback or word affixes, each token made by one
+  merge, and post-processors that leave offsets as they are;
+- added tokens matched as they are (no lstrip, rstrip or single_word), none inside another.
+Anything else uses `tokenizers`. The tests compare both encoders' ids and offsets on varied text.
+"""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain, repeat
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from stages.lib.base.workers import available_cores
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Digits(individual_digits=True) then GPT-2's pattern, as one pattern: every digit alone, and a run of spaces
+# before a digit ends there whole (the digit starts a new piece, so no space is left to join it).
+DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|\p{N}| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+
+class Encoded(NamedTuple):
+    """A chunk of documents, encoded."""
+
+    ids: np.ndarray  # every document's ids, each followed by EOS, back to back (int64)
+    lengths: np.ndarray  # tokens per document, its EOS included
+    offsets: dict  # document index -> (tokens, 2) character offsets of its tokens (EOS excluded)
+
+
+class TokenizersEncoder:
+    """The `tokenizers` library's own encode_batch, which spreads the documents over the cores."""
+
+    name = "tokenizers"
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+
+    def encode(self, texts: list[str], eos_id: int, offsets_for: list[int]) -> Encoded:
+        """Encode documents; character offsets for those in `offsets_for`."""
+        # Offsets cost time and memory; only documents mixing prompt and response text need them.
+        encode = self.backend.encode_batch if offsets_for else self.backend.encode_batch_fast
+        encodings = encode(texts, add_special_tokens=False)
+        id_lists = [enc.ids for enc in encodings]
+        lengths = np.fromiter((len(ids) + 1 for ids in id_lists), np.int64, count=len(id_lists))
+        ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(id_lists, repeat((eos_id,))))), np.int64,
+                          count=int(lengths.sum()))
+        return Encoded(ids, lengths, {i: encodings[i].offsets for i in offsets_for})
+
+
+class TiktokenEncoder:
+    """tiktoken over ranks built from a byte-level BPE's merges; ids mapped back to the tokenizer's own."""
+
+    name = "tiktoken"
+
+    def __init__(self, pattern: str, ranks: dict[bytes, int], specials: dict[str, int], rank_to_id: np.ndarray,
+                 eos: str):
+        import tiktoken
+
+        self.encoding = tiktoken.Encoding("stepwise", pat_str=pattern, mergeable_ranks=ranks,
+                                          special_tokens=specials)
+        self.specials = frozenset(specials)
+        self.rank_to_id = rank_to_id
+        self.rank_bytes = np.zeros(len(rank_to_id), np.int64)  # bytes of text each rank stands for
+        for token, rank in chain(ranks.items(), ((s.encode("utf-8"), r) for s, r in specials.items())):
+            self.rank_bytes[rank] = len(token)
+        self.eos, self.eos_rank = eos, specials[eos]
+        self.threads = available_cores()
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def encode(self, texts: list[str], eos_id: int, offsets_for: list[int]) -> Encoded:
+        """Encode documents; character offsets for those in `offsets_for`."""
+        if any(self.eos in text for text in texts):
+            # A document holding the EOS text itself: encoded one by one, so its own EOS does not end it.
+            parts = [self._ranks(text + self.eos) for text in texts]
+            ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+            lengths = np.array([len(p) for p in parts], np.int64)
+        else:
+            # Few large calls: the EOS between documents is split off first, as tokenizers does, so joining
+            # documents changes nothing; one call per core, since tiktoken releases the GIL while it encodes.
+            groups = [self.eos.join(group) + self.eos for group in _groups(texts, self.threads)]
+            parts = list(self.pool.map(self._ranks, groups)) if len(groups) > 1 else [self._ranks(g) for g in groups]
+            ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+            lengths = np.diff(np.flatnonzero(ranks == self.eos_rank), prepend=-1)
+        starts = np.cumsum(lengths) - lengths
+        offsets = {i: _char_offsets(texts[i], self.rank_bytes[ranks[starts[i]:starts[i] + lengths[i] - 1]])
+                   for i in offsets_for}
+        return Encoded(self.rank_to_id[ranks], lengths, offsets)
+
+    def _ranks(self, text: str) -> np.ndarray:
+        return self.encoding.encode_to_numpy(text, allowed_special=self.specials, disallowed_special=())
+
+
+def _groups(texts: list[str], n: int) -> list[list[str]]:
+    """`texts` cut into at most n runs of consecutive documents of about equal length."""
+    if n <= 1 or len(texts) < 2:
+        return [texts] if texts else []
+    bounds = np.cumsum([len(t) for t in texts])
+    cuts = np.searchsorted(bounds, bounds[-1] * np.arange(1, n) / n, side="right")
+    edges = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(texts))), len(texts)]
+    return [texts[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def _char_offsets(text: str, token_bytes: np.ndarray) -> np.ndarray:
+    """(start, end) character offsets of consecutive tokens covering `text`, from their lengths in UTF-8 bytes.
+
+    A token that ends inside a character (byte-level BPE may split one) covers that character, as in tokenizers.
+    """
+    ends = np.cumsum(token_bytes)
+    starts = ends - token_bytes
+    data = text.encode("utf-8")
+    if len(data) == len(text):  # ASCII: bytes are characters
+        return np.stack([starts, ends], axis=1)
+    char_of_byte = np.cumsum((np.frombuffer(data, np.uint8) & 0xC0) != 0x80) - 1
+    return np.stack([char_of_byte[starts], char_of_byte[ends - 1] + 1], axis=1)
+
+
+def encoder_for(tokenizer_json: Path, backend: Any, eos: str, allow_tiktoken: bool = True) -> Any:
+    """The tiktoken encoder when the tokenizer is one it runs exactly (see the module docstring), else tokenizers'."""
+    if allow_tiktoken:
+        built = _tiktoken_parts(json.loads(Path(tokenizer_json).read_text(encoding="utf-8")), eos)
+        if built is not None:
+            return TiktokenEncoder(*built, eos)
+    return TokenizersEncoder(backend)
+
+
+def _tiktoken_parts(data: dict, eos: str) -> tuple | None:
+    """(pattern, ranks, specials, rank_to_id) for tiktoken, or None when the tokenizer is not a shape it runs."""
+    model = data.get("model") or {}
+    pattern = _pattern(data.get("pre_tokenizer"))
+    added = data.get("added_tokens") or []
+    if (pattern is None or data.get("normalizer") is not None or model.get("type") != "BPE"
+            or model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix") or not _offsets_kept(data.get("post_processor"))
+            or not _added_plainly(added) or eos not in {a["content"] for a in added}):
+        return None
+    vocab, merges = model["vocab"], [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    to_byte = byte_decoder()
+    special = {a["content"] for a in added}
+    ranks = {bytes([b]): b for b in range(256)}
+    if any(char not in vocab for char in to_byte):
+        return None  # a byte with no token of its own
+    for left, right in merges:
+        joined = bytes(to_byte[c] for c in left + right)
+        if joined in ranks:
+            return None  # a token made by two merges
+        ranks[joined] = len(ranks)
+    merged = {left + right for left, right in merges}
+    if any(token not in merged and token not in special and len(token) > 1 for token in vocab):
+        return None  # a token no merge makes
+    if not _each_token_is_its_own_bpe(vocab, model["merges"], merged):
+        return None
+    specials = {content: len(ranks) + i for i, content in enumerate(sorted(special))}
+    ids = {**{token: i for token, i in vocab.items() if token not in special},
+           **{a["content"]: a["id"] for a in added}}
+    rank_to_id = np.zeros(len(ranks) + len(specials), np.int64)
+    for token, i in ids.items():
+        if token in special:
+            rank_to_id[specials[token]] = i
+        else:
+            rank_to_id[ranks[bytes(to_byte[c] for c in token)]] = i
+    return pattern, ranks, specials, rank_to_id
+
+
+def _pattern(pre: Any) -> str | None:
+    """tiktoken's split pattern for a pre-tokenizer it reproduces, else None."""
+    def byte_level(p: Any, regex: bool) -> bool:
+        return (isinstance(p, dict) and p.get("type") == "ByteLevel" and not p.get("add_prefix_space")
+                and bool(p.get("use_regex", True)) == regex)
+
+    if byte_level(pre, True):
+        return GPT2_PATTERN
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    first, second = steps
+    if first.get("type") == "Digits" and first.get("individual_digits") and byte_level(second, True):
+        return DIGITS_PATTERN
+    regex = (first.get("pattern") or {}).get("Regex") if first.get("type") == "Split" else None
+    if regex and first.get("behavior") == "Isolated" and not first.get("invert") and byte_level(second, False):
+        return regex
+    return None
+
+
+def _offsets_kept(post: Any) -> bool:
+    """Whether the post-processor leaves token offsets as the model gives them (no ByteLevel trimming)."""
+    if post is None:
+        return True
+    if post.get("type") == "Sequence":
+        return all(_offsets_kept(p) for p in post.get("processors", []))
+    return post.get("type") != "ByteLevel" or not post.get("trim_offsets")
+
+
+def _added_plainly(added: list[dict]) -> bool:
+    """Whether added tokens are matched as exactly their text, and none is inside another."""
+    if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
+        return False
+    contents = sorted({a["content"] for a in added}, key=len)
+    return not any(short in long for i, short in enumerate(contents) for long in contents[i + 1:])
+
+
+def _each_token_is_its_own_bpe(vocab: dict, merges: list, merged: set) -> bool:
+    """Whether the BPE of every merged token's bytes is that token (the condition in the module docstring)."""
+    from tokenizers import models
+
+    # ignore_merges off (as in GPT-2; Llama 3 has it on): the plain BPE of the token, not a whole-word lookup.
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges])
+    return all([t.id for t in bpe.tokenize(token)] == [vocab[token]] for token in merged)
+
+
+def byte_decoder() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary stands for (GPT-2's printable byte mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {chr(b): b for b in printable}
+    mapping.update({chr(256 + i): b for i, b in enumerate(others)})
+    return mapping

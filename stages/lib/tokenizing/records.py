@@ -1,0 +1,86 @@
+"""Rendered records (docs/formats.md, "Rendered records"): the render stage writes them; the tokenizer and tokenize
+stages read them, and generate reads which templates they used."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.lib.base.errors import UserError
+
+RECORDS_FILE = "records.jsonl"
+STATS_FILE = "stats.json"
+
+
+@dataclass
+class Document:
+    """One rendered record: its whole text and the character ranges that count in the loss.
+
+    An empty response segment (an empty answer) is an empty range: the answer has no text, but ending it does, so
+    the EOS after it still counts.
+    """
+
+    text: str
+    response_spans: list[tuple[int, int]]
+
+    def all_response(self) -> bool:
+        """True when every character is response text (plain text records)."""
+        return self.response_spans == [(0, len(self.text))]
+
+
+def record_line(source: str, kind: str, segments: list[dict]) -> str:
+    """One line of records.jsonl; ValueError when the text cannot be written as UTF-8 (a lone surrogate)."""
+    line = json.dumps({"source": source, "kind": kind, "segments": segments}, ensure_ascii=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone UTF-16 surrogate escape (such as \\ud800), which is not valid "
+                         "text") from None
+    return line
+
+
+def parse_record(line: bytes | str) -> Document:
+    """One line of records.jsonl as a Document; ValueError says what is wrong with it."""
+    try:
+        record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except ValueError as err:
+        raise ValueError(f"not valid JSON ({err})") from None
+    return as_document(record)
+
+
+def as_document(record: object) -> Document:
+    """A parsed line of records.jsonl as a Document; ValueError says what is wrong with it."""
+    segments = record.get("segments") if isinstance(record, dict) else None
+    if not isinstance(segments, list):
+        raise ValueError("expected a JSON object with a \"segments\" list")
+    texts, spans, at = [], [], 0
+    for segment in segments:
+        text = segment.get("text") if isinstance(segment, dict) else None
+        response = segment.get("response") if isinstance(segment, dict) else None
+        if not isinstance(text, str) or not isinstance(response, bool):
+            raise ValueError("each segment must be {\"text\": string, \"response\": true or false}")
+        if response:
+            if spans and spans[-1][1] == at:  # neighbouring response segments form one span
+                spans[-1] = (spans[-1][0], at + len(text))
+            else:
+                spans.append((at, at + len(text)))
+        texts.append(text)
+        at += len(text)
+    return Document("".join(texts), spans)
+
+
+def templates_used(rendered_dir: Path, required: bool = False) -> list[str] | None:
+    """The templates the render stage used (from its stats.json); None when there is no stats.json.
+
+    `required`: a missing stats.json is an error saying to run the render stage.
+    """
+    path = Path(rendered_dir) / STATS_FILE
+    if not path.is_file():
+        if required:
+            raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
+        return None
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({err}); rerun the render stage (dvc repro -f render)") from None
+    used = stats.get("templates") if isinstance(stats, dict) else None
+    return list(used) if isinstance(used, list) else []
