@@ -145,6 +145,10 @@ class LoraParams:
     # names (q_proj, v_proj, ...): stages/lib/modeling/lora.py
     target_modules: str | list = _param("auto", "'auto' or a list of linear layer names such as [q_proj, v_proj]",
                                         _module_names)
+    # nf4: the frozen base held in 4 bits (NormalFloat, double quantization, bitsandbytes), the adapters in fp32
+    quantize: Literal["none", "nf4"] = "none"
+    # Continued pretraining: train the input embeddings and the output head too, at train.embedding_lr
+    train_embeddings: bool = False
 
 
 @dataclass
@@ -173,6 +177,10 @@ class TrainParams:
     decay_steps: int = _param(0, "0 (use decay_fraction) or >= 1", lambda v: v >= 0)  # wsd: length of the decay
     decay_fraction: float = _param(0.2, "in (0, 1]", lambda v: 0 < v <= 1)  # wsd, when decay_steps is 0
     weight_decay: float = _param(0.1, **_at_least(0))
+    # adamw8bit: bitsandbytes' 8-bit AdamW (about 2 bytes of state per trained parameter instead of 8)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    # The learning rate of embeddings and head trained beside LoRA adapters (train.lora.train_embeddings); 0: lr / 10
+    embedding_lr: float = _param(0.0, "0 (lr / 10) or > 0", lambda v: v >= 0)
     beta1: float = _param(0.9, "in [0, 1)", lambda v: 0 <= v < 1)
     beta2: float = _param(0.95, "in [0, 1)", lambda v: 0 <= v < 1)
     grad_clip: float = _param(1.0, "0 (off) or > 0", lambda v: v >= 0)
