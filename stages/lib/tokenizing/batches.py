@@ -220,10 +220,11 @@ def describe_samples(facts: dict, seq_len: int) -> str:
 
 
 def split_samples(tokens_dir: Path, split: str, seq_len: int, packing: str, seed: int | None,
-                  required: bool, max_tokens: int = 0) -> Samples | None:
+                  required: bool, max_tokens: int = 0, meta: dict | None = None) -> Samples | None:
     """The samples of one split of the token files (`packing`: stream or documents; `seed` None for validation),
-    of its first `max_tokens` tokens only when that is > 0; None (or, when `required`, an error) when there is none."""
-    ids, mask, starts = read_split(tokens_dir, split)
+    of its first `max_tokens` tokens only when that is > 0; None (or, when `required`, an error) when there is none.
+    `meta`: the token folder's meta.json, when the caller has read it."""
+    ids, mask, starts = read_split(tokens_dir, split, meta)
     if max_tokens:
         ids, mask, starts = ids[:max_tokens], mask[:max_tokens], starts[starts < max_tokens]
     kind = PackedDocuments if packing == "documents" else StreamWindows

@@ -173,11 +173,13 @@ def open_split(tokens_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     return ids, mask
 
 
-def read_split(tokens_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_split(tokens_dir: str | Path, split: str,
+               meta: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids, loss mask and where each document starts (int64 token indices, ascending, the first 0) of one
-    split: memory-mapped `.bin` files, or arrays built from the JSONL, in one read."""
+    split: memory-mapped `.bin` files, or arrays built from the JSONL, in one read. `meta`: the folder's meta.json as
+    the caller already read it (read here otherwise)."""
     tokens_dir = Path(tokens_dir)
-    meta = read_meta(tokens_dir)
+    meta = meta or read_meta(tokens_dir)
     if split not in meta["splits"]:
         raise UserError(f"{tokens_dir}/meta.json has no split '{split}'; it has {', '.join(meta['splits'])}")
     dtype = id_dtype(meta["dtype"])

@@ -100,8 +100,8 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
     live_dir = Path(train.out_dir) / "live"
     meta = read_meta(tokens_dir)
     packing = packing_for(meta, train.packing)
-    train_samples = split_samples(tokens_dir, "train", train.seq_len, packing, train.seed, required=True)
-    val_samples = (split_samples(tokens_dir, "val", train.seq_len, packing, None, required=False)
+    train_samples = split_samples(tokens_dir, "train", train.seq_len, packing, train.seed, required=True, meta=meta)
+    val_samples = (split_samples(tokens_dir, "val", train.seq_len, packing, None, required=False, meta=meta)
                    if "val" in meta["splits"] else None)
     decision = Decision.from_json(world.decide_on_main(lambda: decide_on_main(
         train, meta, train_samples.count, tokenizer_dir, recovery_dir, trust_remote_code, world.size).as_json()))
