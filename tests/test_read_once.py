@@ -7,10 +7,10 @@ from pathlib import Path
 from train_helpers import make_workspace, session
 
 
-def test_a_session_reads_the_token_meta_once_and_each_checkpoint_state_once_per_save(tmp_path,
-                                                                                   monkeypatch):
+def test_a_session_reads_the_token_meta_once_and_each_checkpoint_state_once(tmp_path, monkeypatch):
     root = make_workspace(tmp_path)
-    session(root, total_step_budget=4, save_every=2, eval_every=2)  # a checkpoint to resume from, so the second session finds and restores one
+    # a first session leaves a checkpoint, which the second one finds, restores and prunes
+    session(root, total_step_budget=4, save_every=2, eval_every=2)
     reads = Counter()
     read_text = Path.read_text
 
