@@ -79,11 +79,12 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
                 for docs, nbytes in prefetched(chunks):
                     ids, mask, doc_lengths, spelled = encode_documents(tok, docs, dtype, params.train_on_prompt)
-                    writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs))
+                    writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs),
+                                 records=order[done:done + len(docs)])
                     spelling.add({int(order[done + i]): tokens for i, tokens in spelled.items()})
                     progress.advance(nbytes, len(ids))
                     done += len(docs)
-            meta["splits"][split] = writer.summary(records=order)
+            meta["splits"][split] = writer.summary()
             meta["splits"][split]["special_token_text"] = spelling.summary(records_path, starts, lengths)
             for longest in meta["splits"][split]["longest_documents"]:
                 longest["source"] = record_source(records_path, int(starts[order[longest["index"]]]),
@@ -185,7 +186,7 @@ def _eos_token(folder: Path) -> str:
 
 
 def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offset (int64) and byte length (int32) of every non-blank line of `path`.
+    """Byte offset and byte length (int64: one line may pass 2 GiB) of every non-blank line of `path`.
 
     Two streaming passes: one counts the lines, the other fills arrays of that size, so memory holds the two
     numbers per line and no copy of them (a gigabyte of short documents is millions of lines).
@@ -194,7 +195,7 @@ def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
     with open(path, "rb") as f:
         n_lines = sum(block.count(b"\n") for block in iter(lambda: f.read(_INDEX_BLOCK), b"")) + 1
-    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int32)
+    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int64)
     kept, line_start, size = 0, 0, 0
     with open(path, "rb") as f:
         while block := f.read(_INDEX_BLOCK):
