@@ -205,7 +205,7 @@ def skip_line(stream: IO[bytes]) -> int:
 
 def line_too_long(max_line: int) -> str:
     """Why a line longer than render.max_record_mb is a bad record."""
-    return (f"a line longer than render.max_record_mb = {max_line / (1 << 20):g} MB, which is taken for broken data "
+    return (f"a line longer than render.max_record_mb = {max_line / (1 << 20):.3g} MB, which is taken for broken data "
             "(a file with no line ends, or the wrong format); split the record, or raise render.max_record_mb")
 
 
@@ -367,7 +367,7 @@ def _array_elements(text: "_ArrayText", file: str) -> Generator[tuple[Location, 
             if isinstance(err, RecursionError):
                 problem = TOO_DEEP
             elif len(text.text) - text.pos > text.max_element:
-                problem = f"an element longer than render.max_record_mb = {text.max_element / (1 << 20):g} MB"
+                problem = _too_long_element(text.max_element)
             else:
                 line = text.line + text.text.count("\n", text.pos, max(err.pos, text.pos))
                 problem = f"the JSON array does not parse ({err.msg}, line {line})"
@@ -375,7 +375,9 @@ def _array_elements(text: "_ArrayText", file: str) -> Generator[tuple[Location, 
                                      "until it is fixed")
             return False
         bad = _NOT_UTF8.search(text.text, text.pos, end)
-        if bad:
+        if end - text.pos > text.max_element:
+            value = RecordError(_too_long_element(text.max_element))
+        elif bad:
             line = text.line + text.text.count("\n", text.pos, bad.start())
             value = RecordError(f"bytes that are not UTF-8 at line {line}; save the file as UTF-8")
         text.advance(end)
@@ -394,6 +396,10 @@ def _array_elements(text: "_ArrayText", file: str) -> Generator[tuple[Location, 
             "the rest of the file cannot be read until it is fixed")
         return False
     return True
+
+
+def _too_long_element(max_element: int) -> str:
+    return f"an element longer than render.max_record_mb = {max_element / (1 << 20):.3g} MB"
 
 
 class _ArrayText:
@@ -456,7 +462,11 @@ def json_layout(stream: IO[bytes], role_keys: tuple[str, ...]) -> str:
             return "jsonl"
         try:
             first = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except RecursionError:  # nested too deep: one record per line if more lines follow, else the array
+            if any(more.strip() for more in iter(lambda: stream.readline(_SNIFF_LINE), b"")):
+                return "jsonl"
+            return "array" if line.startswith(b"[") else "object"
+        except (UnicodeDecodeError, json.JSONDecodeError):
             return "array" if line.startswith(b"[") else "object"
         if isinstance(first, dict):
             return "jsonl"
