@@ -11,6 +11,7 @@ item it was working on and how it ended, instead of waiting forever for its resu
 import multiprocessing
 import os
 import signal
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -63,13 +64,12 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable, workers: int, initial
         numbered = enumerate(items)
         pending = deque(pool.submit(_run, fn, number, item) for number, item in _take(numbered, workers * AHEAD))
         while pending:
-            try:
-                result = pending.popleft().result()
-            except BrokenProcessPool:
-                raise _death(pool, doing) from None
+            result = pending.popleft().result()
             for number, item in _take(numbered, 1):
                 pending.append(pool.submit(_run, fn, number, item))
             yield result
+    except BrokenProcessPool:  # from result(), or from submit() once the pool knows
+        raise _death(pool, doing) from None
     finally:  # on an error, the items not started are dropped; the ones running finish first
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -99,9 +99,15 @@ def _run(fn: Callable[[Any], Any], number: int, item: Any) -> Any:
 
 def _death(pool: ProcessPoolExecutor, doing: Any) -> WorkerDied:
     """Which worker died first, on which item, and how (the pool stops the others with SIGTERM after)."""
-    # The pool keeps its processes in _processes, the only place that holds their exit codes.
-    ended = [(pid, p.exitcode) for pid, p in getattr(pool, "_processes", {}).items() if p.exitcode is not None]
-    ended.sort(key=lambda pair: pair[1] == -signal.SIGTERM)  # a SIGTERM is most likely the pool's own
+    # The pool keeps its processes in _processes, the only place that holds their exit codes. A process killed a
+    # moment ago may not be waitable yet: look again for a little while.
+    processes, deadline, ended = dict(getattr(pool, "_processes", None) or {}), time.monotonic() + 5, []
+    while time.monotonic() < deadline:
+        ended = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode is not None]
+        ended.sort(key=lambda pair: pair[1] == -signal.SIGTERM)  # a SIGTERM is most likely the pool's own
+        if ended and ended[0][1] != -signal.SIGTERM:
+            break
+        time.sleep(0.02)
     pid, exitcode = ended[0] if ended else (None, None)
     rows = {doing[i]: doing[i + 1] for i in range(0, len(doing), 2)}
     item = rows.get(pid)

@@ -258,9 +258,12 @@ def _line_cuts(path: Path, piece_bytes: int, paragraphs: bool) -> list[tuple[int
             skip_line(f)  # on to the start of the next line
             at = f.tell()
             if paragraphs:  # on to the start of the next blank line, where no paragraph can continue
-                bound = target + piece_bytes  # or a line start after this bound, for a paragraph that goes on
-                while at < bound and (raw := f.readline(1 << 20)) and raw.strip():
-                    at += len(raw) + (0 if raw.endswith(b"\n") else skip_line(f))
+                bound = cuts[-1] + 2 * piece_bytes  # or the last line start before it, for a paragraph going on
+                while (raw := f.readline(1 << 20)) and raw.strip():
+                    length = len(raw) + (0 if raw.endswith(b"\n") else skip_line(f))
+                    if at + length > bound:
+                        break
+                    at += length
             if at >= size:
                 break
             cuts.append(at)
