@@ -2,6 +2,7 @@
 conversations in one record), hostile records counted and located (too deep, too long, empty documents,
 conversations ending on a user turn), and files whose bytes contradict their names."""
 
+import bz2
 import gzip
 import json
 from pathlib import Path
@@ -134,6 +135,8 @@ def test_a_json_array_element_longer_than_max_record_mb_is_named():
     ("raw/a.jsonl", gzip.compress(b'{"text": "g"}\n'), "gzip data", "rename it to a.jsonl.gz"),
     ("raw/a.txt", b"\xff\xfeh\x00i\x00", "UTF-16 text", r"convert it to UTF-8 text \(iconv"),
     ("raw/a.json.gz", b"", "an empty file", "it holds nothing; download it again, or delete it"),
+    ("raw/a.txt.zst", bz2.compress(b"text\n"), "bzip2 data", "unpack it into .txt, .json, .jsonl or .parquet"),
+    ("raw/a.jsonl.gz", bytes(range(256)), "binary data", "check what format it is in"),
 ])
 def test_a_file_whose_bytes_contradict_its_name_says_what_it_looks_like_and_the_fix(name, content, looks, fix):
     write(name, content)

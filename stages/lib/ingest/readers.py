@@ -130,8 +130,8 @@ def check_content(path: Path) -> None:
         head = f.read(64)
     looks, right = _looks_like(head)
     expected = {"gzip": "gzip data", "zstd": "zstd data"}.get(compression, "text")
-    if looks == expected or (expected == "text" and looks in ("plain JSON", "plain text", "an empty file")):
-        return
+    if looks == expected or (expected == "text" and looks in ("plain JSON", "plain text", "binary data")):
+        return  # text with odd bytes is for the reader to name, at its line
     name = path.name[:-len(path.suffix)] if compression else path.name
     if looks == "an empty file":
         fix = "it holds nothing; download it again, or delete it"
@@ -139,11 +139,14 @@ def check_content(path: Path) -> None:
         fix = f"rename it to {name}{right}"
     elif right == ".parquet":
         fix = f"rename it to {name.rsplit('.', 1)[0]}.parquet"
-    elif right == "" and looks not in ("plain JSON", "plain text"):
-        fix = "convert it to UTF-8 text (iconv -f utf-16 -t utf-8)" if "UTF-16" in looks else \
-            "unpack it into .txt, .json, .jsonl or .parquet files (optionally .gz or .zst)"
-    else:
+    elif looks in ("plain JSON", "plain text"):
         fix = f"rename it to {name}"
+    elif "UTF-" in looks:
+        fix = f"convert it to UTF-8 text (iconv -f {looks.split()[0].lower()} -t utf-8)"
+    elif looks == "binary data":
+        fix = "check what format it is in (the `file` command tells), and download it again if it is damaged"
+    else:
+        fix = "unpack it into .txt, .json, .jsonl or .parquet files (optionally .gz or .zst)"
     named = f"{compression} (its name ends in {path.suffix})" if compression else f"{suffix or 'data'} text"
     raise UserError(f"{path.as_posix()}: the name says {named}, but the file looks like {looks}: {fix}")
 
