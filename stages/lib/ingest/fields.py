@@ -126,7 +126,9 @@ def read_instruction(record: Any, m: Mapping) -> Read:
     values = (_string(field_value(record, instruction), f"field '{instruction}'"),
               _string(field_value(record, given), f"field '{given}'") if given else "",
               _string(field_value(record, output), f"field '{output}'"))
-    used = {_own_key(record, instruction), _own_key(record, given), _own_key(record, output)}
+    used = (instruction, given, output)
+    if any("." in k for k in used if k):  # a dotted path: the record's own key is its first part
+        used = tuple(_own_key(record, k) for k in used)
     return Read(values, [k for k, v in record.items() if v is not None and k not in used] if len(record) > 2 else [])
 
 
@@ -257,9 +259,10 @@ def _first(record: dict, names: tuple[str, ...]) -> str | None:
 
 def field_value(record: dict, name: str) -> Any:
     """The value of field `name`: a key of the record, or a dotted path into nested objects (`a.b.c`)."""
-    if name in record or "." not in name:
-        return record.get(name)
-    value: Any = record
+    value = record.get(name)
+    if value is not None or "." not in name or name in record:
+        return value
+    value = record
     for key in name.split("."):
         if not isinstance(value, dict):
             return None
@@ -303,7 +306,8 @@ def _string(value: Any, what: str) -> str:
 
 
 def _dropped(record: dict, used: set) -> list[str]:
-    used = {_own_key(record, k) for k in used}
+    if any(k and "." in k for k in used):
+        used = {_own_key(record, k) for k in used}
     return [k for k, v in record.items() if k not in used and v is not None]
 
 
