@@ -311,17 +311,22 @@ def test_nothing_rendered_is_an_error_and_keeps_the_previous_output():
 
 # ---- finding files, formats, determinism ------------------------------------------------------------------------
 
-def test_folder_reads_data_files_in_sorted_order_and_detects_each_format():
+def test_folder_reads_data_files_of_its_subfolders_in_sorted_order_skips_hidden_ones_and_detects_formats():
     write("raw/b.jsonl", jsonl({"messages": CHAT}))
     write("raw/a.json", json.dumps([{"instruction": "Say hi.", "output": "hi"}]))
     write("raw/c.txt", "some text\n")
     write("raw/notes.md", "# not data\n")
-    write("raw/sub/d.txt", "in a subfolder\n")
+    write("raw/sub/2024/d.txt", "in a subfolder\n")
+    write("raw/sub/e.txt", "next to it\n")
+    write("raw/.cache/x.txt", "hidden folder\n")
+    write("raw/sub/.hidden.txt", "hidden file\n")
     records, stats = run("raw")
-    assert [r["source"] for r in records] == ["raw/a.json[0]", "raw/b.jsonl:1", "raw/c.txt:1"]
-    assert stats["formats"] == {"raw/a.json": "instruction", "raw/b.jsonl": "chat", "raw/c.txt": "text"}
+    assert [r["source"] for r in records] == ["raw/a.json[0]", "raw/b.jsonl:1", "raw/c.txt:1",
+                                              "raw/sub/2024/d.txt:1", "raw/sub/e.txt:1"]
+    assert stats["formats"] == {"raw/a.json": "instruction", "raw/b.jsonl": "chat", "raw/c.txt": "text",
+                                "raw/sub/2024/d.txt": "text", "raw/sub/e.txt": "text"}
     assert stats["templates"] == ["alpaca", "chatml"]
-    assert stats["records_written"] == 3 and stats["characters"] == sum(map(len, texts(records)))
+    assert stats["records_written"] == 5 and stats["characters"] == sum(map(len, texts(records)))
 
 
 def test_glob_and_forced_format():

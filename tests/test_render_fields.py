@@ -189,7 +189,8 @@ def test_suspicious_records_are_counted_with_their_first_locations():
     assert stats["suspicious"] == {
         "empty_answer": {"count": 3, "first": ["raw/a.jsonl:1", "raw/b.jsonl:2", "raw/b.jsonl:3"]},
         "no_user_turn": {"count": 1, "first": ["raw/b.jsonl:1"]},
-        "long_record": {"count": 1, "first": ["raw/a.jsonl:2"]}}
+        "long_record": {"count": 1, "first": ["raw/a.jsonl:2"]},
+        "ends_on_user_turn": {"count": 1, "first": ["raw/b.jsonl:3"]}}
     assert stats["fields_dropped"] == {"source": {"count": 1, "first": ["raw/a.jsonl:2"]}}  # null lang: nothing lost
     skipped, stats = run("raw", empty_answers="skip")
     assert len(skipped) == 3 and stats["records_skipped"] == 3

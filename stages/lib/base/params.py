@@ -44,7 +44,8 @@ def _positive() -> dict:
 
 @dataclass
 class FieldNames:
-    """The names a data file uses for our fields; empty: our own name (and, for chat, the usual alternatives)."""
+    """The names a data file uses for our fields; empty: our own name (and, for chat, the usual alternatives).
+    A dotted name (`answer_generation.train_messages`) is a path into nested objects."""
 
     text: str = ""  # plain text records (default `text`)
     instruction: str = ""  # instruction data (defaults `instruction`, `input`, `output`)
@@ -88,6 +89,8 @@ class RenderParams:
     on_error: Literal["stop", "skip"] = "stop"
     workers: int | str = _param("auto", "'auto' or a whole number >= 1",
                                 lambda v: v == "auto" or (type(v) is int and v >= 1))
+    records_field: str = ""  # a JSON file holding one object: the key of its list of records (e.g. data)
+    max_record_mb: float = _param(64.0, **_positive())  # a longer line or JSON element is a bad record
 
 
 @dataclass
