@@ -38,6 +38,7 @@ from stages.lib.modeling.export import export_model
 from stages.lib.modeling.families import (
     build_model,
     checkpoint_activations,
+    flash_attention_for_documents,
     keeps_documents_apart,
     model_config,
     pick_document_attention,
@@ -191,7 +192,9 @@ def check_memory(train: TrainParams, decision: Decision, world: World,
     shape = memory.model_shape(model_config(train, decision.vocab_size, decision.special_ids))
     setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
                          train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1,
-                         **lora.checked_plan_settings(train, decision.vocab_size, shape))
+                         **lora.checked_plan_settings(train, decision.vocab_size, shape),
+                         **memory.plan_settings(train, decision.plan.values["packing"] == "documents" and not
+                                                flash_attention_for_documents(world.device, precision.autocast_dtype)))
     free = memory.available_memory(world.device)
     if world.device.type == "cpu":  # the processes of this machine share its memory
         free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
