@@ -376,6 +376,22 @@ def available_memory(device: torch.device) -> int:
     return min(free, room) if room is not None else free
 
 
+def measured_peak(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are) of the most memory this process has held: on a GPU what tensors held
+    (torch.cuda.max_memory_allocated, what the plan estimates); on a CPU the peak resident memory, which adds the
+    interpreter, the libraries and what the C allocator keeps after tensors are freed."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "allocated by tensors"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident memory of the process"
+
+
+def measured_line(plan: MemoryPlan, measured: int, what: str) -> str:
+    """The peak measured after the first steps beside the plan's figure, so a plan that is off shows."""
+    return (f"memory after the first steps: {size(measured)} ({what}); the memory plan said {size(plan.peak)} "
+            f"({measured / plan.peak:.2f}x)")
+
+
 def _container_room() -> int | None:
     """What a cgroup v2 memory limit leaves (None without one)."""
     try:

@@ -122,6 +122,7 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
         train = _with_time_limit(train, decision, export_dir, parameters, started, world.is_main)
         batches = TrainBatches(train_samples, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
         session = Session(train, decision, trainee, precision, batches, val_samples, started, recovery_dir)
+        session.memory_plan = memory_plan
         end = session_end(start, total, train.steps_today)
         if world.is_main:
             print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
