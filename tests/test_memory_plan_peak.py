@@ -157,3 +157,21 @@ def test_llama_3_1_8b_qlora_fits_a_t4_and_what_does_not_fit_is_named(tmp_path, c
     out = capsys.readouterr().out
     assert "8-bit AdamW" in out and "does NOT fit" in out and "train.lora.quantize: nf4" in out
     assert memory.size(plan_memory(shape, qlora).peak) in " ".join(settings_that_fit(shape, full, t4))
+
+
+def test_fsdp_leaves_the_root_whole_and_a_save_gathers_the_full_state_in_rank_0s_ram():
+    shape = model_shape(LlamaConfig(**LLAMA_3_1_8B))
+    n, root = shape.parameters, shape.root_parameters
+    assert root == 2 * 128256 * 4096 + 4096  # embeddings, head, final norm
+    alone, sharded = (plan_memory(shape, Setup(1, 2048, precision="bf16", shards=shards)) for shards in (1, 4))
+    assert sharded.parts["weights"] == 4 * (n - root) // 4 + 4 * root
+    assert sharded.parts["AdamW state"] == 8 * (n - root) // 4 + 8 * root
+    assert sharded.parts["FSDP gathered blocks"] == 2 * 2 * shape.block_parameters // 32  # this block and the next
+    assert alone.parts["FSDP gathered blocks"] == 0
+    assert memory.gather_bytes(shape, alone.setup) == 0
+    assert memory.gather_bytes(shape, sharded.setup) == 12 * n  # fp32 weights and two fp32 moments
+    message = memory.gather_short_message(shape, sharded.setup, 64 * GIB)
+    assert "gathers the full state" in message and memory.size(12 * n) in message and "64.0 GiB available" in message
+    assert memory.gather_short_message(shape, sharded.setup, 128 * GIB) is None
+    qlora = Setup(1, 2048, precision="bf16", shards=4, lora_r=16, quantize="nf4")
+    assert memory.gather_short_message(shape, qlora, 4 * GIB) is None  # the adapters alone

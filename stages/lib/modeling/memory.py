@@ -376,6 +376,18 @@ def available_memory(device: torch.device) -> int:
     return min(free, room) if room is not None else free
 
 
+def gather_short_message(shape: ModelShape, setup: Setup, host_available: int) -> str | None:
+    """Why a save under FSDP would run rank 0's host out of RAM (None when it fits): a save gathers the full
+    state there."""
+    needed = gather_bytes(shape, setup)
+    if not needed or needed * (1 + HEADROOM) <= host_available:
+        return None
+    return (f"a save gathers the full state (the fp32 weights that train and their optimizer state, "
+            f"{size(needed)}) into the host RAM of the first process, which has {size(host_available)} available: "
+            "the session would fail at its first save. Use a machine with more RAM, or a LoRA (train.lora.r), "
+            "whose checkpoint holds only the adapters")
+
+
 def measured_peak(device: torch.device) -> tuple[int, str]:
     """(bytes, what they are) of the most memory this process has held: on a GPU what tensors held
     (torch.cuda.max_memory_allocated, what the plan estimates); on a CPU the peak resident memory, which adds the

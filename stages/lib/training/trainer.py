@@ -202,8 +202,11 @@ def check_memory(train: TrainParams, decision: Decision, world: World,
     plan = memory.plan_memory(shape, setup, free, _device_name(world.device))
     if world.is_main:
         print("\n".join(plan.lines()))
-    if world.max([float(not plan.fits())])[0]:  # any process short of memory stops them all
-        raise UserError(memory.does_not_fit_message(plan))
+    ram = memory.gather_short_message(shape, setup, memory.available_memory(torch.device("cpu"))) if (
+        world.is_main and setup.shards > 1) else None
+    if world.max([float(not plan.fits()), float(ram is not None)]) != [0.0, 0.0]:  # any process short stops all
+        raise UserError(memory.does_not_fit_message(plan) if not plan.fits() else ram or "rank 0's host RAM is "
+                        "short of what a save gathers (see its message)")
     return plan
 
 
