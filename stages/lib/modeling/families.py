@@ -106,12 +106,17 @@ def pick_document_attention(model: PreTrainedModel, device: torch.device, autoca
     running bf16 or fp16, the variable-length kernel attends within each document only, computing nothing for the
     masked blocks (batches are then flattened into one row, as that kernel wants: see stages/lib/modeling/loss.py).
     """
-    from transformers.utils import is_flash_attn_2_available
-    flash = (device.type == "cuda" and autocast_dtype in (torch.bfloat16, torch.float16)
-             and is_flash_attn_2_available() and getattr(model, "_supports_flash_attn", False))
-    if flash:
+    if flash_attention_for_documents(device, autocast_dtype) and getattr(model, "_supports_flash_attn", False):
         model.set_attn_implementation("flash_attention_2")
     return model.config._attn_implementation
+
+
+def flash_attention_for_documents(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether packed documents can go through the flash-attention varlen kernel here (a GPU computing in 16 bits
+    with the flash-attention package): no sequence x sequence mask then (what the memory plan counts otherwise)."""
+    from transformers.utils import is_flash_attn_2_available
+    return (device.type == "cuda" and autocast_dtype in (torch.bfloat16, torch.float16)
+            and is_flash_attn_2_available())
 
 
 def keeps_documents_apart(model: PreTrainedModel) -> bool:

@@ -24,6 +24,7 @@ from stages.lib.checkpointing import parts as ckpt
 from stages.lib.checkpointing import store
 from stages.lib.checkpointing.live_logs import open_live
 from stages.lib.distributed.parallel import full_value
+from stages.lib.modeling import memory
 from stages.lib.modeling.precision import LossScaler, Precision
 from stages.lib.tokenizing.batches import Samples, TrainBatches, counted_tokens, validation_batches
 from stages.lib.training.decision import Decision
@@ -113,6 +114,7 @@ class Session:
         self.last_saved: dict | None = None  # rank 0's parts as captured by the latest save
         self.last_state: dict | None = None  # and its state.json
         self.progress: Progress | None = None
+        self.memory_plan: memory.MemoryPlan | None = None  # the plan printed before the first step, if any
 
     def _closing_guesses(self) -> dict:
         # Before they are timed: a checkpoint writes the trained tensors and two Adam moments, an export the weights.
@@ -232,12 +234,15 @@ class Session:
         plan = plan_session(step, start, end, self.plan.total_steps, self.timer.step_times, time.monotonic(),
                             self.timer.deadline, self.timer.reserve(), *self.stored)
         lines = plan_lines(plan)
-        if self.device.type == "cuda":
-            lines.append(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB "
-                         "(compare the memory plan above)")
+        metrics = plan_metrics(plan)
+        if self.memory_plan is not None:  # the plan checked against what the first steps took
+            measured, what = memory.measured_peak(self.device)
+            lines.append(memory.measured_line(self.memory_plan, measured, what))
+            metrics.update({"memory/peak_gib": round(measured / memory.GIB, 3),
+                            "memory/plan_gib": round(self.memory_plan.peak / memory.GIB, 3)})
         for line in lines:
             self.progress.event(line)
-        for name, value in plan_metrics(plan).items():
+        for name, value in metrics.items():
             live.log_metric(name, value)
 
     def _evaluate(self, live, step: int) -> int:

@@ -38,6 +38,7 @@ from stages.lib.modeling.export import export_model
 from stages.lib.modeling.families import (
     build_model,
     checkpoint_activations,
+    flash_attention_for_documents,
     keeps_documents_apart,
     model_config,
     pick_document_attention,
@@ -121,6 +122,7 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
         train = _with_time_limit(train, decision, export_dir, parameters, started, world.is_main)
         batches = TrainBatches(train_samples, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
         session = Session(train, decision, trainee, precision, batches, val_samples, started, recovery_dir)
+        session.memory_plan = memory_plan
         end = session_end(start, total, train.steps_today)
         if world.is_main:
             print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
@@ -191,15 +193,20 @@ def check_memory(train: TrainParams, decision: Decision, world: World,
     shape = memory.model_shape(model_config(train, decision.vocab_size, decision.special_ids))
     setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
                          train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1,
-                         **lora.checked_plan_settings(train, decision.vocab_size, shape))
+                         **lora.checked_plan_settings(train, decision.vocab_size, shape),
+                         **memory.plan_settings(train, decision.plan.values["packing"] == "documents" and not
+                                                flash_attention_for_documents(world.device, precision.autocast_dtype)))
     free = memory.available_memory(world.device)
     if world.device.type == "cpu":  # the processes of this machine share its memory
         free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     plan = memory.plan_memory(shape, setup, free, _device_name(world.device))
     if world.is_main:
         print("\n".join(plan.lines()))
-    if world.max([float(not plan.fits())])[0]:  # any process short of memory stops them all
-        raise UserError(memory.does_not_fit_message(plan))
+    ram = memory.gather_short_message(shape, setup, memory.available_memory(torch.device("cpu"))) if (
+        world.is_main and setup.shards > 1) else None
+    if world.max([float(not plan.fits()), float(ram is not None)]) != [0.0, 0.0]:  # any process short stops all
+        raise UserError(memory.does_not_fit_message(plan) if not plan.fits() else ram or "rank 0's host RAM is "
+                        "short of what a save gathers (see its message)")
     return plan
 
 
