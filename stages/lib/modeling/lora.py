@@ -10,6 +10,11 @@ With `train.lora.r` > 0 (the base is `train.init_from`):
   from the run's seed, B (out x r) zeros, so training starts exactly from the base. Everything else is frozen and
   held in the session's compute dtype (fp32 on a CPU, bf16 or fp16 on a GPU: `base_dtype`); the adapters are fp32,
   so their gradients and AdamW state are too.
+- QLoRA (`train.lora.quantize: nf4`): the frozen base's linear layers are loaded in 4 bits through bitsandbytes, as
+  transformers and PEFT do it (BitsAndBytesConfig: NormalFloat 4, double quantization, compute in the session's
+  dtype); the embeddings, norms and output head stay in the compute dtype, the adapters and their optimizer state
+  in fp32. Only the session holds 4-bit weights: the exports rebuild the base from its files (below), so a merged
+  export is the base as its files hold it plus the adapters, never weights rounded to 4 bits.
 - The adapters are the model's parameters that require a gradient, under the model's own state-dict names
   (`model.layers.0.self_attn.q_proj.lora_A.default.weight`): what the checkpoint's `adapters` part holds
   (stages/lib/checkpointing/parts.py), never the base.
@@ -31,7 +36,8 @@ from stages.lib.base.params import LoraParams, TrainParams
 from stages.lib.modeling.families import pretrained_model, set_special_ids, transformer_blocks
 
 ADAPTER = "default"  # PEFT's adapter name: it appears in the state-dict names, never in an export
-LINEAR_TYPES = ("Linear", "Conv1D")  # torch's, and GPT-2's transposed one (PEFT's fan_in_fan_out)
+# torch's, GPT-2's transposed one (PEFT's fan_in_fan_out), and bitsandbytes' 4-bit one (train.lora.quantize)
+LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit")
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the model's names in adapter_model.safetensors
 
 
@@ -81,6 +87,17 @@ def base_dtype(train: TrainParams, autocast_dtype: torch.dtype | None) -> torch.
     return (autocast_dtype or torch.float32) if train.lora.r else torch.float32
 
 
+def base_load_options(lora_params: LoraParams, autocast_dtype: torch.dtype | None, device: torch.device) -> dict:
+    """What `from_pretrained` needs besides the dtype to hold the frozen base as train.lora.quantize says: for nf4,
+    bitsandbytes' 4-bit config, the base quantized as it loads straight onto `device` (never a 16-bit copy there)."""
+    if lora_params.quantize == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=autocast_dtype or torch.float32)
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
 def check_vocabulary(train: TrainParams, vocab_size: int) -> None:
     """A UserError when the tokenizer has more tokens than the base has embeddings (see the module docstring)."""
     from transformers import AutoConfig
@@ -114,9 +131,19 @@ def add_adapters(model: torch.nn.Module, lora: LoraParams) -> torch.nn.Module:
                      for name, m in model.named_modules())
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         fan_in_fan_out=transposed, bias="none", task_type="CAUSAL_LM")
+    same_4bit_passes_everywhere(model)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # PEFT freezes everything but the adapters
     cast_adapter_dtype(model, adapter_name=ADAPTER)  # fp32 adapters on a 16-bit base
     return model
+
+
+def same_4bit_passes_everywhere(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on one path in training and evaluation alike: on CPUs with AVX512-bf16 it
+    repacks a layer's weights in place for its first pass without gradients and then computes it in bf16, so the
+    validation loss would depend on the CPU and the layer's layout on whether it was evaluated."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def adapter_names(model: torch.nn.Module) -> set[str]:
