@@ -373,6 +373,9 @@ def _check_across_sections(params: Params, source: str) -> None:
         raise ParamError(f"{source}: train.lora.quantize = {train.lora.quantize!r} holds the base in 4 bits, which "
                          "train.strategy = fsdp cannot shard; use train.strategy: ddp (each process holds the "
                          "4-bit base whole)")
+    if train.optimizer == "adamw8bit" and train.strategy == "fsdp":
+        raise ParamError(f"{source}: train.optimizer = 'adamw8bit' keeps block-wise 8-bit state that "
+                         "train.strategy = fsdp cannot shard; use train.strategy: ddp, or train.optimizer: adamw")
     if train.export != "merged" and not train.lora.r:
         raise ParamError(f"{source}: train.export = {train.export!r} exports a LoRA adapter, but train.lora.r is 0 "
                          "(no adapters); set train.lora.r (e.g. 16) or train.export: merged")

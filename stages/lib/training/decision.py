@@ -174,6 +174,10 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
     if train.lora.r:
         values.update({f"lora.{k}": v for k, v in asdict(train.lora).items()
                        if v != ABSENT_MEANS.get(f"lora.{k}", ...)})
+        if train.lora.train_embeddings:
+            values["embedding_lr"] = train.embedding_lr
+    if train.optimizer != ABSENT_MEANS["optimizer"]:
+        values["optimizer"] = train.optimizer
     values.update({
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],
@@ -193,7 +197,7 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
 
 # Settings added after runs were fingerprinted without them: they count only when they differ from what was done
 # before they existed, so the runs made before keep their fingerprint (and resume); absent means this value.
-ABSENT_MEANS = {"lora.quantize": "none", "lora.train_embeddings": False}
+ABSENT_MEANS = {"lora.quantize": "none", "lora.train_embeddings": False, "optimizer": "adamw"}
 
 # Fingerprinted values whose raw change (two hashes) says little: what a person should read instead.
 CHANGE_NAMES = {"base_model_sha256": "the base model in train.init_from (its config or weight files)",
