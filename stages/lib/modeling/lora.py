@@ -98,6 +98,8 @@ def base_load_options(lora_params: LoraParams, autocast_dtype: torch.dtype | Non
     from transformers import BitsAndBytesConfig
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=autocast_dtype or torch.float32)
+    if device.type == "cuda" and device.index is None:  # the device map wants the card by its number
+        device = torch.device("cuda", torch.cuda.current_device())
     return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
