@@ -4,7 +4,9 @@ grow, three sessions equal one bitwise, and both exports load with the grown voc
 
 import json
 
+import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_families import SMALL
@@ -12,6 +14,7 @@ from test_lora import LORA, SAME_RUN_FILES, lora_run
 from train_helpers import VOCAB, make_workspace, session, tree_bytes
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from stages.lib.base.params import ParamError, load_params
 from stages.lib.modeling.inference import load_model
 
 EMBEDDINGS = {**LORA, "train_embeddings": True}
@@ -64,3 +67,11 @@ def test_new_tokens_grow_the_trained_embeddings_resume_bitwise_and_both_exports_
     assert session(whole, **{**run, "export": "adapter"}).stopped_by == "nothing-to-do"
     model, _ = load_model(export)
     torch.testing.assert_close(logits(model, tokens), logits(merged, tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_trained_embeddings_need_lora_adapters(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"init_from": "base",
+                                                                    "lora": {"train_embeddings": True}}}))
+    with pytest.raises(ParamError, match=r"train\.lora\.train_embeddings = True applies to LoRA adapters, but "
+                                         r"train\.lora\.r is 0 \(a full fine-tune\)"):
+        load_params(tmp_path / "params.yaml")
