@@ -367,6 +367,18 @@ def _check_across_sections(params: Params, source: str) -> None:
                          f"(train.model_name = {train.model_name!r}): every session would replace its own base. "
                          f"Copy the model to continue from (cp -r {train.init_from} models/{train.model_name}-base) "
                          "and point train.init_from there, or give this run another train.model_name")
+    for key, value, off in (("quantize", train.lora.quantize, "none"),
+                            ("train_embeddings", train.lora.train_embeddings, False)):
+        if value != off and not train.lora.r:
+            raise ParamError(f"{source}: train.lora.{key} = {value!r} applies to LoRA adapters, but train.lora.r is "
+                             f"0 (a full fine-tune); set train.lora.r (e.g. 16) or train.lora.{key}: {off}")
+    if train.lora.quantize != "none" and train.strategy == "fsdp":
+        raise ParamError(f"{source}: train.lora.quantize = {train.lora.quantize!r} holds the base in 4 bits, which "
+                         "train.strategy = fsdp cannot shard; use train.strategy: ddp (each process holds the "
+                         "4-bit base whole)")
+    if train.optimizer == "adamw8bit" and train.strategy == "fsdp":
+        raise ParamError(f"{source}: train.optimizer = 'adamw8bit' keeps block-wise 8-bit state that "
+                         "train.strategy = fsdp cannot shard; use train.strategy: ddp, or train.optimizer: adamw")
     if train.export != "merged" and not train.lora.r:
         raise ParamError(f"{source}: train.export = {train.export!r} exports a LoRA adapter, but train.lora.r is 0 "
                          "(no adapters); set train.lora.r (e.g. 16) or train.export: merged")

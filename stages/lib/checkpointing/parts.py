@@ -6,8 +6,9 @@ functions, and nothing in it is a pickle:
 - or, when the model trains LoRA adapters on a frozen base (stages/lib/modeling/lora.py), `adapters`:
   `adapters.safetensors`, the adapter tensors alone (megabytes where the base is gigabytes: the base is
   train.init_from, fingerprinted by its content); state.json's `model_tensors` says which of the two it holds;
-- `optimizer`: `optimizer.safetensors` (every state tensor, named `<parameter index>.<name>`) and
-  `optimizer.json` (the parameter groups and any state that is not a tensor);
+- `optimizer`: `optimizer.safetensors` (every state tensor, named `<parameter index>.<name>`; state an optimizer
+  nests, as bitsandbytes' 8-bit AdamW nests its quantized moments, `<parameter index>.<outer>.<name>`) and
+  `optimizer.json` (the parameter groups and any state that is not a tensor, named alike);
 - `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
 - `scaler`: `scaler.json`, fp16's loss scale and the run's count of skipped steps (stages/lib/modeling/precision.py;
   absent from checkpoints of sessions with no loss scaler);
@@ -151,11 +152,15 @@ def read_adapters(folder: Path, version: int = FORMAT_VERSION) -> dict[str, torc
 def _write_optimizer(state: dict, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
-    tensors, values = {}, {}
+    tensors, values, stored = {}, {}, set()
     for index, entries in state["state"].items():
-        for name, value in entries.items():
+        for name, value in _flattened(entries):
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.contiguous()
+                tensor = value.contiguous()
+                if tensor.numel() and tensor.untyped_storage().data_ptr() in stored:
+                    tensor = tensor.clone()  # one tensor in many states (8-bit AdamW's quantization map): each its own
+                stored.add(tensor.untyped_storage().data_ptr())
+                tensors[f"{index}.{name}"] = tensor
             else:
                 values[f"{index}.{name}"] = value
     save_file(tensors, str(folder / "optimizer.safetensors"))
@@ -170,12 +175,24 @@ def _read_optimizer(folder: Path, version: int) -> dict:
     layout = _reading(folder / "optimizer.json", _read_json)
     state: dict[int, dict] = {}
     for key, value in [*tensors.items(), *layout["values"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, *outer, name = key.split(".")
+        entries = state.setdefault(int(index), {})
+        for level in outer:
+            entries = entries.setdefault(level, {})
+        entries[name] = value
     # JSON has no tuples: the betas of AdamW come back as lists, which its state dict holds as a tuple.
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
               for group in layout["param_groups"]]
     return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def _flattened(entries: dict, prefix: str = ""):
+    """(dotted name, value) for each value of one parameter's optimizer state, nested dicts included."""
+    for name, value in entries.items():
+        if isinstance(value, dict):
+            yield from _flattened(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name, value
 
 
 def _read_pickled_optimizer(path: Path) -> dict:

@@ -28,6 +28,7 @@ from stages.lib.modeling import memory
 from stages.lib.modeling.precision import LossScaler, Precision
 from stages.lib.tokenizing.batches import Samples, TrainBatches, counted_tokens, validation_batches
 from stages.lib.training.decision import Decision
+from stages.lib.training.optimizers import set_learning_rate
 from stages.lib.training.schedule import Schedule, time_for_another_step
 from stages.lib.training.session_plan import (
     PLAN_AFTER_STEPS,
@@ -210,8 +211,7 @@ class Session:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         grad_norm = full_value(grad_norm)
         lr = self.schedule.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         self.scaler.step(self.optimizer, grad_norm)  # fp16: skipped for an inf or nan gradient; the batch is used
         self.optimizer.zero_grad(set_to_none=True)
         loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), grad_norm.item()

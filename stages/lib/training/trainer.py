@@ -232,7 +232,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     restored."""
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids,
-                        dtype=lora.base_dtype(train, precision.autocast_dtype))
+                        dtype=lora.base_dtype(train, precision.autocast_dtype),
+                        **lora.base_load_options(train.lora, precision.autocast_dtype, world.device))
     if train.lora.r:
         lora.add_adapters(model, train.lora)
     model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
