@@ -19,6 +19,7 @@ import torch.distributed as dist
 from stages.lib.base.devices import pick_device
 from stages.lib.base.errors import UserError
 from stages.lib.distributed import launcher
+from stages.lib.distributed.failures import FailureWatch
 
 # Long enough for rank 0 to gather and write a large checkpoint or export while the others wait at a barrier.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -33,6 +34,7 @@ class World:
     size: int = 1
     launched_here: bool = False  # started by `python -m stages.train` itself, which waits for the exit code
     launcher_pid: int | None = None
+    failures: FailureWatch | None = None  # another process's failure stops this one (failures.py)
 
     @property
     def is_main(self) -> bool:
@@ -111,7 +113,8 @@ def joined_world(wanted_device: str):
     """This process's World; under torchrun with several processes, a process group for the time of the block.
 
     On leaving normally every process waits for the others, so no worker exits (which torchrun could take for a
-    failure and answer by killing the rest) while rank 0 still writes.
+    failure and answer by killing the rest) while rank 0 still writes. Until then a failure on any process stops
+    them all (stages/lib/distributed/failures.py).
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -126,8 +129,13 @@ def joined_world(wanted_device: str):
     world = World(device=device, rank=dist.get_rank(), size=dist.get_world_size(),
                   launched_here=launcher.launched_here(), launcher_pid=launcher.launcher_pid())
     launcher.register_worker(world.rank)
+    world.failures = FailureWatch.connect(world.rank)
+    if world.failures:
+        world.failures.start()
     try:
         yield world
         world.barrier()
     finally:
+        if world.failures:
+            world.failures.stop()
         dist.destroy_process_group()
