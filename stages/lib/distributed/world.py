@@ -1,9 +1,10 @@
 """The training processes as one world: this process's rank, the process group, and the few collectives the
-session needs (sums, maxima, rank 0's JSON shared with everyone). One process alone is rank 0 of a world of 1,
-where every collective is a no-op, so the session code is the same for one process and many.
+session needs (sums, maxima, rank 0's JSON shared with everyone, everyone's JSON gathered on rank 0). One process
+alone is rank 0 of a world of 1, where every collective is a no-op, so the session code is the same for one process
+and many.
 
-Processes join with nccl on GPUs (one per GPU) and gloo on CPUs. Nothing is ever pickled between processes: rank 0's
-values travel as JSON bytes.
+Processes join with nccl on GPUs (one per GPU) and gloo on CPUs. Nothing is ever pickled between processes: values
+travel as JSON bytes.
 """
 
 import contextlib
@@ -84,6 +85,22 @@ class World:
             data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
         dist.broadcast(data, src=0)
         return json.loads(data.cpu().numpy().tobytes().decode())
+
+    def gather(self, value: Any) -> list | None:
+        """Every process's JSON-ready `value`, in rank order, on rank 0 (None elsewhere)."""
+        if self.size == 1:
+            return [value]
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8).to(self.device)
+        lengths = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.size)]
+        dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64, device=self.device))
+        longest = max(int(n.item()) for n in lengths)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        padded[:len(data)] = data
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(gathered, padded)
+        if not self.is_main:
+            return None
+        return [json.loads(g[:int(n.item())].cpu().numpy().tobytes().decode()) for g, n in zip(gathered, lengths)]
 
     def decide_on_main(self, decide: Callable[[], Any]) -> Any:
         """Run `decide` on rank 0 only and return its JSON-ready result everywhere; a UserError there is raised

@@ -243,6 +243,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
     trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler,
                            adapters=bool(train.lora.r))
+    if world.rank:  # every process draws its own dropout masks, as one process does for each micro-batch
+        _seed_everything(train.seed + world.rank)
     if decision.resume is not None:
         ckpt.restore(decision.resume, trainee)
     return trainee
