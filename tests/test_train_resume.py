@@ -358,3 +358,14 @@ def test_precision_and_device_choices_on_a_cpu_only_machine(monkeypatch):
     with pytest.raises(UserError,
                        match=r"cuda. was asked for \(train\.device or --device\), but torch sees no CUDA GPU"):
         pick_device("cuda")
+
+
+def test_val_loss_is_scored_on_the_same_samples_whatever_the_sessions_batch_size(tmp_path):
+    root = make_workspace(tmp_path)
+    # A learning rate too small to move any weight: both sessions score the same weights.
+    run = {"lr": 1e-30, "min_lr": 0.0, "total_step_budget": 4, "eval_every": 2, "eval_batches": 2}
+    session(root, steps_today=2, batch_size=4, grad_accum=2, **run)
+    session(root, batch_size=2, grad_accum=4, **run)  # the same global batch of 8, in smaller batches
+    losses = read_tsv(root, "val/loss")
+    assert [step for step, _ in losses] == [2, 4]
+    assert float(losses[1][1]) == pytest.approx(float(losses[0][1]), rel=1e-6, abs=0)

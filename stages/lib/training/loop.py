@@ -106,7 +106,10 @@ class Session:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.val = validation_batches(val_samples, train.batch_size, train.eval_batches) if val_samples else []
+        # eval_batches counts batches of the run's global batch, which every session keeps (a session with another
+        # batch_size makes it up with grad_accum): the same samples in every session, scored batch_size at a time.
+        self.val = (validation_batches(val_samples, train.eval_batches * batches.samples_per_step, train.batch_size)
+                    if val_samples else [])
         self.tokens_per_step = batches.samples_per_step * train.seq_len
         self.stored = stored_bytes(self.model, train.export)  # (checkpoint, export) bytes this session writes
         self.timer = SessionTimer(started + train.minutes_today * 60 if train.minutes_today else math.inf,
