@@ -195,6 +195,8 @@ class TrainParams:
                                         lambda v: v == "auto" or (type(v) in (int, float) and v >= 0))
     save_every: int = _param(100, **_at_least(1))
     eval_every: int = _param(50, **_at_least(1))
+    # Validation scores eval_batches x the run's global batch (batch_size x grad_accum x processes) fixed samples,
+    # the same in every session of a run whatever its batch_size, so val/loss stays comparable.
     eval_batches: int = _param(8, **_at_least(1))
     log_every: int = _param(10, **_at_least(1))  # a plain log line every N steps when the output is not a terminal
     seed: int = _param(1337, **_at_least(0))

@@ -313,9 +313,11 @@ class TrainBatches:
         return DataCursor(seen, epoch, position, begun, self.samples.documents)
 
 
-def validation_batches(samples: Samples, batch_size: int, n_batches: int) -> list[Batch]:
-    """A fixed set of up to `n_batches` validation batches: samples spread evenly over the split, same every time."""
-    wanted = min(samples.count, batch_size * n_batches)
+def validation_batches(samples: Samples, count: int, batch_size: int) -> list[Batch]:
+    """A fixed set of up to `count` validation samples spread evenly over the split, the same every time, cut into
+    batches of `batch_size`: which samples does not depend on the batch size, so val/loss stays comparable between
+    sessions that score them in batches of different sizes."""
+    wanted = min(samples.count, count)
     if wanted == 0:
         return []
     chosen = np.unique(np.linspace(0, samples.count - 1, wanted).round().astype(np.int64))

@@ -12,6 +12,7 @@ of all processes, so the gradient is the one a single process would compute for 
 """
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from stages.lib.checkpointing import store
 from stages.lib.checkpointing.live_logs import open_live
 from stages.lib.distributed.parallel import full_value
 from stages.lib.modeling import memory
-from stages.lib.modeling.precision import LossScaler, Precision
+from stages.lib.modeling.precision import SETTLING_STEPS, LossScaler, Precision, gives_up, overflow_message
 from stages.lib.tokenizing.batches import Samples, TrainBatches, counted_tokens, validation_batches
 from stages.lib.training.decision import Decision
 from stages.lib.training.optimizers import set_learning_rate
@@ -49,7 +50,7 @@ class SessionResult:
 
     start_step: int
     end_step: int
-    stopped_by: str = "budget"  # budget | steps_today | time | signal | nothing-to-do
+    stopped_by: str = "budget"  # budget | steps_today | time | signal | nothing-to-do | fp16-overflow
     exit_code: int = 0
     first_step_at: float | None = None  # time.monotonic() when the first step ended (startup benchmarks)
 
@@ -107,7 +108,10 @@ class Session:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.val = validation_batches(val_samples, train.batch_size, train.eval_batches) if val_samples else []
+        # eval_batches counts batches of the run's global batch, which every session keeps (a session with another
+        # batch_size makes it up with grad_accum): the same samples in every session, scored batch_size at a time.
+        self.val = (validation_batches(val_samples, train.eval_batches * batches.samples_per_step, train.batch_size)
+                    if val_samples else [])
         self.tokens_per_step = batches.samples_per_step * train.seq_len
         self.stored = stored_bytes(self.model, train.export)  # (checkpoint, export) bytes this session writes
         self.timer = SessionTimer(started + train.minutes_today * 60 if train.minutes_today else math.inf,
@@ -138,7 +142,8 @@ class Session:
         live.summary["data"] = {"padding_share": round(facts["padding_share"], 4),
                                 "documents_split": facts["documents_split"]}
         saved = evaluated = step = start
-        skipped_before = self.scaler.skipped_steps
+        skipped_before = skipped_at_settling = self.scaler.skipped_steps
+        gave_up = None
         stop = StopRequest(repeat_window=1.0 if self.world.size > 1 else 0.0, launcher_pid=self.world.launcher_pid)
         self.progress = Progress(start, end, self.plan.total_steps, self.train.log_every, enabled=main)
         with stop, self.progress:
@@ -158,9 +163,18 @@ class Session:
                     evaluated = self._evaluate(live, step)
                 if step % self.train.save_every == 0 or step == self.schedule.pre_decay_step:
                     saved = self._save(step, live)
+                if step - start == SETTLING_STEPS:
+                    skipped_at_settling = self.scaler.skipped_steps
+                # The same on every process: a step is skipped for the norm of all the gradients.
+                gave_up = gives_up(self.scaler.skipped_in_a_row, step - start,
+                                   self.scaler.skipped_steps - skipped_at_settling) if self.scaler.enabled else None
+                if gave_up:
+                    break
         result.end_step = step
         if signum:
             result.stopped_by, result.exit_code = "signal", 128 + signum
+        elif gave_up:
+            result.stopped_by, result.exit_code = "fp16-overflow", 1
         elif out_of_time:
             result.stopped_by = "time"
             if main:
@@ -173,6 +187,8 @@ class Session:
         live.make_summary()
         if step > start and saved != step:
             self._save(step, live)
+        if gave_up and main:
+            print(f"error: {overflow_message(gave_up, step)}", file=sys.stderr, flush=True)
         return result
 
     def _should_stop(self, stop: StopRequest | None, check_time: bool) -> tuple[int, bool]:

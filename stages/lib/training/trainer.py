@@ -76,7 +76,9 @@ def _session_in_this_process(params) -> int:
             return run_session(params.train, trust_remote_code=params.tokenizer.trust_remote_code,
                                world=world).exit_code
     except UserError as err:
-        if world is None or world.size == 1 or world.is_main or not world.launched_here:
+        # Every process stops with it, and rank 0 shows it (stages/lib/distributed/failures.py).
+        shown_by_rank_0 = world is not None and world.failures is not None and world.failures.report(str(err))
+        if world is None or world.is_main or not shown_by_rank_0:
             print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -249,6 +251,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
     trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler,
                            adapters=bool(train.lora.r))
+    if world.rank:  # every process draws its own dropout masks, as one process does for each micro-batch
+        _seed_everything(train.seed + world.rank)
     if decision.resume is not None:
         ckpt.restore(decision.resume, trainee)
     return trainee
