@@ -53,7 +53,7 @@ from stages.lib.training.summary import loss_text, read_losses
 
 GUESSED_PUSH_SPEED = 10e6  # bytes per second, until a push has been measured
 GUESSED_COMMIT_SPEED = 100e6  # bytes per second DVC hashes and caches the outputs, until measured
-SECONDS_FOR_GIT = 10  # kept back for git add, commit, push and DVC's own start-up after a stage
+SECONDS_FOR_GIT = 5  # kept back for git add, commit, push and DVC's own start-up after a stage
 STEPS = 8
 
 
@@ -187,28 +187,30 @@ class Day:
         records = ws.read_sessions(self.log)
         push_speed = ws.last_push_speed(records) if self.remote else None
         commit_speed = ws.last_push_speed(records, "dvc_commit")
-        last_evaluate = ws.last_evaluate_seconds(records)
+        last_evaluate = ws.last_evaluate_seconds(records)  # (seconds, whether it finished) or None
         self.evaluate_note = None
         keep = SECONDS_FOR_GIT
-        if self.ends_at is not None and last_evaluate is not None:
+        if self.ends_at is not None:
             left = self.ends_at - time.time()
-            if last_evaluate + SECONDS_FOR_GIT > left / 2:
-                self.evaluate_note = (f"its last run took {duration(last_evaluate)}, more than half the "
-                                      f"{duration(left)} left for training, pushing and evaluating")
+            evaluate = _evaluate_seconds_wanted(last_evaluate, left)
+            if evaluate + SECONDS_FOR_GIT > left / 2:
+                self.evaluate_note = (f"it needs about {duration(evaluate)}, more than half the {duration(left)} "
+                                      "left for training, pushing and evaluating")
             else:
-                keep += last_evaluate + SECONDS_FOR_GIT
+                keep += evaluate + SECONDS_FOR_GIT
         env = {COMMIT_SPEED_ENV: str(commit_speed or GUESSED_COMMIT_SPEED), KEEP_BACK_ENV: str(keep),
                STARTED_ENV: str(self.started)}
         if self.remote:
             env[PUSH_SPEED_ENV] = str(push_speed or GUESSED_PUSH_SPEED)
-        if self.ends_at is not None:
-            print(f"this command ends by {datetime.fromtimestamp(self.ends_at):%H:%M:%S}; kept back from training: "
+        if self.ends_at is not None or self.params.train.minutes_today:
+            print((f"this command ends by {datetime.fromtimestamp(self.ends_at):%H:%M:%S}; " if self.ends_at else "")
+                  + "kept back from training: "
                   + (f"the push at {(push_speed or GUESSED_PUSH_SPEED) / 1e6:.1f} MB/s "
                      f"({'the last push' if push_speed else 'a guess, no push measured yet'}), " if self.remote
                      else "")
                   + f"DVC's commit at {(commit_speed or GUESSED_COMMIT_SPEED) / 1e6:.1f} MB/s "
                   f"({'measured' if commit_speed else 'a guess'}), {duration(keep)} for the git steps"
-                  + ("" if self.evaluate_note or last_evaluate is None else " and the evaluate stage"), flush=True)
+                  + ("" if self.evaluate_note else " and the evaluate stage"), flush=True)
         return env
 
     def _dvc_commit_measured(self) -> dict | None:
@@ -310,8 +312,8 @@ class Day:
     def evaluate(self) -> None:
         """The evaluate stage, the optional second part, within the time left; its results committed and pushed."""
         ws.say(f"8/{STEPS} evaluating: dvc repro -s evaluate (optional: the session is already on the remotes)")
-        left = None if self.ends_at is None else self.ends_at - time.time() - 2 * SECONDS_FOR_GIT
-        if self.evaluate_note or (left is not None and left < SECONDS_FOR_GIT + ws.INTERRUPT_GRACE):
+        left = None if self.ends_at is None else self.ends_at - time.time() - SECONDS_FOR_GIT
+        if self.evaluate_note or (left is not None and left < 2 * ws.INTERRUPT_GRACE):
             print(f"evaluate skipped today: {self.evaluate_note or 'no time left'}. Run it later: dvc repro evaluate")
             return
         outputs = ws.pipeline_outputs(stage="evaluate")
@@ -399,6 +401,15 @@ def _git_remote() -> str | None:
         return configured
     remotes = (ws.output_of("git", "remote") or "").split()
     return "origin" if "origin" in remotes else (remotes[0] if len(remotes) == 1 else None)
+
+
+def _evaluate_seconds_wanted(last: tuple[float, bool] | None, left: float) -> float:
+    """The time to keep back for the evaluate stage: its last duration; twice as long as it ran when it was stopped
+    at its time limit; before any measure, a tenth of the time left (20 s to 10 min), after which it is stopped."""
+    if last is None:
+        return min(max(left / 10, 20.0), 600.0)
+    seconds, finished = last
+    return seconds if finished else 2 * seconds
 
 
 def _stamps(paths: list[str]) -> dict:

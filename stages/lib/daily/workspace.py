@@ -29,7 +29,7 @@ SESSIONS_LOG = "sessions.jsonl"
 SESSION_KEYS = ("steps_today", "minutes_today")  # the train.* values the command writes into params.yaml
 TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 TIMED_OUT = 124  # the return code of a command stopped at its timeout (as timeout(1) has it)
-INTERRUPT_GRACE = 10  # seconds a command interrupted at its timeout has to stop before it is killed
+INTERRUPT_GRACE = 5  # seconds a command interrupted at its timeout has to stop before it is killed
 
 
 def sh(*command: str, env: dict | None = None, quiet: bool = False, shown: str = "",
@@ -199,11 +199,12 @@ def last_push_speed(records: list[dict], key: str = "push") -> float | None:
     return None
 
 
-def last_evaluate_seconds(records: list[dict]) -> float | None:
-    """How long the latest evaluate stage the log measured took."""
+def last_evaluate_seconds(records: list[dict]) -> tuple[float, bool] | None:
+    """How long the latest evaluate stage the log measured took, and whether it finished (False: it was stopped at
+    the command's time limit, so it takes longer)."""
     for record in reversed(records):
         if (record.get("evaluate") or {}).get("seconds"):
-            return float(record["evaluate"]["seconds"])
+            return float(record["evaluate"]["seconds"]), bool(record["evaluate"].get("finished", True))
     return None
 
 
