@@ -90,7 +90,7 @@ def test_day_1_on_machine_a_trains_commits_and_pushes(world):
                  "5/8 pushing the data", "6/8 committing", "7/8 pushing the commit", "8/8 evaluating"):
         assert f"== {step}" in out, out
     assert "$ git pull --ff-only" in out and "$ dvc push" in out and "$ git push" in out
-    assert "took the lease (refs/stepwise/lease in origin)" in out and "dropped the lease" in out
+    assert "took the lease (refs/stepwise/lease/main in origin)" in out and "dropped the lease" in out
     # The session is on both remotes before the optional evaluate stage runs.
     assert out.index("$ git push") < out.index("$ dvc repro -s evaluate")
     assert "dvc.lock records no stage yet: no data to pull (this is the first session)" in out

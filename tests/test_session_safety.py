@@ -61,8 +61,8 @@ def world(tmp_path_factory):
 
 def test_a_second_machine_started_while_the_first_trains_is_refused_before_training(world):
     first = session(world["a"], "--steps", "3")
-    wait_for(lambda: run(world["remote"], "git", "ls-remote", ".", "refs/stepwise/lease") or first.poll() is not None,
-             what="machine A's lease")
+    leased = lambda: run(world["remote"], "git", "ls-remote", ".", "refs/stepwise/lease/main")  # noqa: E731
+    wait_for(lambda: leased() or first.poll() is not None, what="machine A's lease")
     second = subprocess.run([sys.executable, "-m", "stages.session", "--steps", "3"], cwd=world["b"],
                             env=command_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL)
     out_a = first.communicate(timeout=600)[0]
@@ -72,7 +72,7 @@ def test_a_second_machine_started_while_the_first_trains_is_refused_before_train
     assert "expected to end at" in second.stderr or "with no time limit" in second.stderr
     assert "== 3/8" not in second.stdout and not (world["b"] / "checkpoints").exists()  # refused before pulling
     assert run(world["remote"], "git", "log", "-1", "--format=%s", "main~1") == "Session 1: steps 0 -> 3 of 100000\n"
-    assert run(world["remote"], "git", "ls-remote", ".", "refs/stepwise/lease") == ""  # A dropped it
+    assert run(world["remote"], "git", "ls-remote", ".", "refs/stepwise/lease/main") == ""  # A dropped it
 
 
 def test_a_session_given_minutes_ends_pushed_and_committed_within_them(world):

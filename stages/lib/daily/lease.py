@@ -1,11 +1,12 @@
 """One session at a time per run, across machines: a lease kept in the git remote.
 
 Two machines training the same run at once fork it: both continue from the same checkpoint, and only one line can
-be the branch's. So before it pulls, the session command (stages/session.py) takes the lease: the ref
-`refs/stepwise/lease` in the remote the branch pulls from, a commit holding no files whose message is a small JSON
+be the branch's. So before it pulls, the session command (stages/session.py) takes the branch's lease: the ref
+`refs/stepwise/lease/<branch>` in the remote the branch pulls from (a run is a branch: other branches train other
+runs, each with a lease of its own), a commit holding no files whose message is a small JSON
 record: the machine, its process, the branch, when the session started, when it is expected to end (its time limit,
 when it has one) and when the lease expires. Every change is a compare-and-swap push
-(`git push --force-with-lease=refs/stepwise/lease:<the lease as read> <remote> <new>:refs/stepwise/lease`): of two
+(`git push --force-with-lease=<ref>:<the lease as read> <remote> <new>:<ref>`): of two
 machines racing for it, one wins and the other is refused, naming who holds it and until when.
 
 While the session runs, the lease is renewed every few minutes (each renewal moves its expiry `TTL` ahead); the
@@ -28,7 +29,7 @@ from datetime import datetime, timezone
 from stages.lib.base.errors import UserError
 from stages.lib.daily import workspace as ws
 
-REF = "refs/stepwise/lease"
+REF = "refs/stepwise/lease"  # + /<branch>
 TTL = 20 * 60  # seconds a lease lasts without renewal: a machine silent this long is taken for dead
 RENEW_EVERY = 5 * 60
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's empty tree: the lease commit holds no files
@@ -85,6 +86,7 @@ class Lease:
 
     def __init__(self, remote: str, holder: Holder, commit: str):
         self.remote, self.holder, self.commit = remote, holder, commit
+        self.ref = ref_for(holder.branch)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.lost: str | None = None  # why a renewal failed: another machine took the lease over
@@ -94,21 +96,22 @@ class Lease:
         """Take the lease in `remote`, or raise LeaseHeld naming its holder; the lease and a line saying what
         happened (a lease taken over from a dead session says whose)."""
         now = time.time() if now is None else now
-        old, holder = read(remote)
-        note = f"took the lease ({REF} in {remote})"
+        ref = ref_for(branch)
+        old, holder = read(remote, ref)
+        note = f"took the lease ({ref} in {remote})"
         if holder is not None:
             why = holder.dead(now)
             if why is None:
-                raise LeaseHeld(_held_message(remote, holder))
-            note = f"took over the lease ({REF} in {remote}) of {holder.describe()}: {why}"
+                raise LeaseHeld(_held_message(remote, ref, holder))
+            note = f"took over the lease ({ref} in {remote}) of {holder.describe()}: {why}"
         elif old:
-            note = f"took over {REF} in {remote}, which held no lease of this command's ({old[:12]})"
+            note = f"took over {ref} in {remote}, which held no lease of this command's ({old[:12]})"
         mine = Holder(socket.gethostname(), os.getpid(), branch, now, expected_end, now + TTL)
         commit = _lease_commit(mine)
-        if not _swap(remote, old, commit):
-            _, winner = read(remote)  # another machine took it a moment before
-            raise LeaseHeld(_held_message(remote, winner) if winner else
-                            f"could not take the lease {REF} in {remote} (git push refused it, see above); nothing "
+        if not _swap(remote, ref, old, commit):
+            _, winner = read(remote, ref)  # another machine took it a moment before
+            raise LeaseHeld(_held_message(remote, ref, winner) if winner else
+                            f"could not take the lease {ref} in {remote} (git push refused it, see above); nothing "
                             "was done. Check that you can push to the remote, then run this again")
         return cls(remote, mine, commit), note
 
@@ -117,10 +120,10 @@ class Lease:
         now = time.time() if now is None else now
         holder = Holder(**{**asdict(self.holder), "expires": now + TTL})
         commit = _lease_commit(holder)
-        if _swap(self.remote, self.commit, commit):
+        if _swap(self.remote, self.ref, self.commit, commit):
             self.holder, self.commit = holder, commit
             return True
-        _, other = read(self.remote)
+        _, other = read(self.remote, self.ref)
         self.lost = f"held by {other.describe()}" if other else "gone from the remote"
         return False
 
@@ -129,7 +132,7 @@ class Lease:
         def renew_until_dropped():
             while not self._stop.wait(every):
                 if not self.renew():
-                    print(f"warning: the lease {REF} in {self.remote} was taken over ({self.lost}): another "
+                    print(f"warning: the lease {self.ref} in {self.remote} was taken over ({self.lost}): another "
                           "machine may be training this run now", flush=True)
                     return
         self._renewer = threading.Thread(target=renew_until_dropped, name="lease renewal", daemon=True)
@@ -142,24 +145,29 @@ class Lease:
             self._renewer.join()
         if self.lost:
             return f"the lease was taken over meanwhile ({self.lost}): left as it is"
-        if _swap(self.remote, self.commit, ""):
-            return f"dropped the lease ({REF} in {self.remote})"
-        return (f"could not drop the lease {REF} in {self.remote} (see above): it expires by itself at "
+        if _swap(self.remote, self.ref, self.commit, ""):
+            return f"dropped the lease ({self.ref} in {self.remote})"
+        return (f"could not drop the lease {self.ref} in {self.remote} (see above): it expires by itself at "
                 f"{_clock(self.holder.expires)}")
 
 
-def read(remote: str) -> tuple[str, Holder | None]:
-    """The lease commit in `remote` ("" when there is none) and who it names."""
-    listed = ws.sh("git", "ls-remote", "--exit-code", remote, REF, quiet=True)
+def ref_for(branch: str) -> str:
+    """The lease's ref for a branch's run."""
+    return f"{REF}/{branch}"
+
+
+def read(remote: str, ref: str) -> tuple[str, Holder | None]:
+    """The lease commit at `ref` in `remote` ("" when there is none) and who it names."""
+    listed = ws.sh("git", "ls-remote", "--exit-code", remote, ref, quiet=True)
     if listed.returncode == 2:  # the remote has no lease
         return "", None
     if listed.returncode:
         raise UserError(f"git ls-remote {remote} failed: {(listed.stderr or '').strip() or 'no answer'}. Nothing was "
                         f"done: check that this machine reaches the remote (git fetch {remote}), then run this again")
-    fetched = ws.sh("git", "fetch", "-q", "--no-tags", remote, f"+{REF}:{REF}", quiet=True)
-    commit = ws.output_of("git", "rev-parse", "--verify", "-q", REF) if fetched.returncode == 0 else None
+    fetched = ws.sh("git", "fetch", "-q", "--no-tags", remote, f"+{ref}:{ref}", quiet=True)
+    commit = ws.output_of("git", "rev-parse", "--verify", "-q", ref) if fetched.returncode == 0 else None
     if not commit:
-        raise UserError(f"could not fetch the lease {REF} from {remote}: {(fetched.stderr or '').strip()}")
+        raise UserError(f"could not fetch the lease {ref} from {remote}: {(fetched.stderr or '').strip()}")
     return commit, Holder.from_text(ws.output_of("git", "log", "-1", "--format=%B", commit) or "")
 
 
@@ -173,18 +181,18 @@ def _lease_commit(holder: Holder) -> str:
     return done.stdout.strip()
 
 
-def _swap(remote: str, old: str, new: str) -> bool:
-    """Point the remote's lease ref at `new` ("" deletes it) only if it still points at `old` ("": absent)."""
-    return ws.sh("git", "push", "-q", f"--force-with-lease={REF}:{old}", remote, f"{new}:{REF}",
+def _swap(remote: str, ref: str, old: str, new: str) -> bool:
+    """Point the remote's `ref` at `new` ("" deletes it) only if it still points at `old` ("": absent)."""
+    return ws.sh("git", "push", "-q", f"--force-with-lease={ref}:{old}", remote, f"{new}:{ref}",
                  quiet=True).returncode == 0
 
 
-def _held_message(remote: str, holder: Holder) -> str:
-    return (f"another session of this run is training on {holder.describe()}; its lease ({REF} in {remote}) is "
+def _held_message(remote: str, ref: str, holder: Holder) -> str:
+    return (f"another session of this run is training on {holder.describe()}; its lease ({ref} in {remote}) is "
             f"renewed while it runs and lapses at {_clock(holder.expires)} if that machine stops. Two sessions at "
             "once would fork the run, so nothing was done here: run this again once it has pushed (git pull shows "
             "its commit). If that machine is gone for good, drop its lease: git push "
-            f"{remote} :{REF}")
+            f"{remote} :{ref}")
 
 
 def _process_runs(pid: int) -> bool:
