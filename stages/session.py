@@ -342,10 +342,11 @@ class Day:
         lower bound that later sessions keep back, or skip evaluate for)."""
         print(f"evaluate stopped: it did not finish in the {duration(left)} left. Its last results stay as they "
               "were; run it later: dvc repro evaluate")
-        ws.sh("dvc", "checkout", "-q", "evaluate", quiet=True)  # DVC removed its outputs before running it
-        deleted = (ws.output_of("git", "ls-files", "--deleted", "--", *outputs) or "").split()
-        if deleted:
-            ws.sh("git", "checkout", "--", *deleted, quiet=True)  # the metrics git keeps
+        # DVC removed its outputs before running it, and it may have written some of them.
+        ws.sh("dvc", "checkout", "-q", "--force", "evaluate", quiet=True)
+        changed = (ws.output_of("git", "ls-files", "--modified", "--", *outputs) or "").split()
+        if changed:
+            ws.sh("git", "checkout", "--", *changed, quiet=True)  # the metrics git keeps
         if self.number is not None:
             ws.update_last_session(self.log, {"evaluate": {"seconds": seconds, "finished": False}})
             if self._commit_changes(f"Session {self.number}: evaluate stopped after {duration(seconds)}, out of time",

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from dvc_helpers import checkpoint_step, command_env, configure_git, needs_dvc, new_project, run
+from dvc_helpers import checkpoint_step, command_env, configure_git, needs_dvc, new_project, run, set_params
 
 pytestmark = [needs_dvc, pytest.mark.slow]
 
@@ -26,9 +26,9 @@ PARAMS = {
         "seq_len": 32, "batch_size": 4, "warmup_steps": 1, "total_step_budget": 100_000, "save_every": 1000,
         "eval_every": 1000, "eval_batches": 2,
     },
-    # A slow evaluate stage: every held-out prompt answered one at a time, at length.
-    "evaluate": {"max_val_tokens": 256, "num_prompts": 0, "max_new_tokens": 1500, "batch_size": 1},
+    "evaluate": {"max_val_tokens": 256, "num_prompts": 1, "max_new_tokens": 2},
 }
+SLOW_EVALUATE = {"num_prompts": 0, "max_new_tokens": 1500, "batch_size": 1}  # every prompt, one at a time, at length
 
 
 def session(machine, *args) -> subprocess.Popen:
@@ -76,6 +76,9 @@ def test_a_second_machine_started_while_the_first_trains_is_refused_before_train
 
 
 def test_a_session_given_minutes_ends_pushed_and_committed_within_them(world):
+    run(world["b"], "git", "pull", "-q")
+    set_params(world["b"], {"evaluate": SLOW_EVALUATE})
+    run(world["b"], "git", "commit", "-q", "-am", "A slow evaluate stage")
     began = time.monotonic()
     day = session(world["b"], "--steps", "0", "--minutes", "1.5")  # B continues A's session, for 90 s at most
     out = day.communicate(timeout=600)[0]
