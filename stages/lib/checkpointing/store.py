@@ -14,13 +14,17 @@ killed or crashed before DVC recorded it. A session that ends normally under DVC
 naming its last checkpoint, which DVC then records. So when the recovery copy is newer than the checkpoint in
 `train.checkpoint_dir`:
 - it wins when no such note names it: its session never ended normally under DVC (a crash, a kill, a preemption,
-  a session run by hand), so DVC's older checkpoint is only what `dvc exp run` restored;
+  a session run by hand), so DVC's older checkpoint is only what `dvc exp run` restored; a note DVC's cache does not
+  confirm counts as none (a kill after the stage's end, while DVC hashed its outputs:
+  stages/lib/checkpointing/dvc_record.py);
 - the checkpoint in `train.checkpoint_dir` wins when the note names the recovery copy: DVC recorded that newer
   checkpoint, so an older one in its place was restored on purpose (`git checkout` + `dvc checkout`,
   `dvc exp apply`).
 
 One writer at a time: a session holds `.checkpoint-recovery.lock` while it may write checkpoints; a second session
-fails at once, naming the process that holds it.
+fails at once, naming the process that holds it. Both live at the project's top folder
+(stages/lib/base/project_root.py), so a `dvc exp run --temp` or `--queue` run, in a copy of the project DVC deletes
+afterwards, recovers like a run in the workspace.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from stages.lib.base.files import exclusive_lock, fresh_folder, publish_folder, write_atomically
+from stages.lib.base.project_root import at_root
+from stages.lib.checkpointing.dvc_record import dvc_cache, recorded_in_cache
 from stages.lib.checkpointing.parts import Checkpoint, Unreadable, capture, read_state, write
 
 if TYPE_CHECKING:
@@ -57,6 +63,11 @@ class Found:
         return self.recorded == {"step": checkpoint.step, "fingerprint": checkpoint.state["fingerprint"]}
 
 
+def default_recovery_dir() -> Path:
+    """The recovery folder at the project's top folder (see the module docstring)."""
+    return at_root(RECOVERY_DIR)
+
+
 def folder_name(step: int) -> str:
     """`step-00000600` for step 600 (zero-padded so folders sort by step)."""
     return f"{PREFIX}{step:08d}"
@@ -74,7 +85,17 @@ def find(checkpoint_dir: Path, recovery_dir: Path) -> Found:
             if path.is_dir():
                 state = read_state(path)
                 found.setdefault((state["step"], state["fingerprint"]), Checkpoint(path, state))
-    return Found(sorted(found.values(), key=lambda c: c.step, reverse=True), _read_recorded(Path(recovery_dir)))
+    checkpoints = sorted(found.values(), key=lambda c: c.step, reverse=True)
+    return Found(checkpoints, _confirmed(_read_recorded(Path(recovery_dir)), checkpoints))
+
+
+def _confirmed(recorded: dict | None, checkpoints: list[Checkpoint]) -> dict | None:
+    """The note that DVC recorded a checkpoint, when DVC's cache confirms it (or there is no cache to ask)."""
+    cache = dvc_cache()
+    named = [c for c in checkpoints if recorded == {"step": c.step, "fingerprint": c.state["fingerprint"]}]
+    if recorded is None or cache is None or not named:
+        return recorded
+    return recorded if any(recorded_in_cache(c.path, cache) for c in named) else None
 
 
 class States:

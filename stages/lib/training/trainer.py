@@ -84,7 +84,7 @@ def _session_in_this_process(params) -> int:
 
 
 def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
-                models_dir: Path = MODELS_DIR, recovery_dir: Path = store.RECOVERY_DIR,
+                models_dir: Path = MODELS_DIR, recovery_dir: Path | None = None,
                 trust_remote_code: bool = False, world: World | None = None) -> SessionResult:
     """One session: resume or start, train within today's limits, save, log and export.
 
@@ -92,6 +92,7 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
     holds the workspace's checkpoint lock for the whole session: one writer at a time.
     """
     started = time.monotonic()
+    recovery_dir = store.default_recovery_dir() if recovery_dir is None else recovery_dir
     world = world or World(device=pick_device(train.device))
     with store.session_lock(recovery_dir) if world.is_main else contextlib.nullcontext():
         return _locked_session(train, tokens_dir, tokenizer_dir, models_dir, recovery_dir, trust_remote_code, world,
