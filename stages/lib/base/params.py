@@ -54,6 +54,9 @@ class FieldNames:
     role: str = ""  # in each message (defaults `role`, then ShareGPT's `from`)
     content: str = ""  # in each message (defaults `content`, then ShareGPT's `value`)
     tools: str = ""  # the tool definitions of a tool-calling conversation (default `tools`)
+    prompt: str = ""  # preference pairs (defaults `prompt`, `chosen`, `rejected`)
+    chosen: str = ""
+    rejected: str = ""
 
 
 ROLE_NAMES = ("system", "user", "assistant", "tool", "tool_call")  # what a file's roles can be mapped to
@@ -67,7 +70,7 @@ class SourceParams:
     # Times each document appears per epoch; a fraction takes a seeded subset (0.5: half of them, 2.5: all twice
     # and half a third time).
     weight: float = _param(1.0, **_positive())
-    format: Literal["", "auto", "text", "instruction", "chat"] = ""  # "": render.format
+    format: Literal["", "auto", "text", "instruction", "chat", "preference"] = ""  # "": render.format
     fields: FieldNames = field(default_factory=FieldNames)  # names set here replace render.fields' for this source
 
 
@@ -78,7 +81,7 @@ class RenderParams:
     data_path: str = "data/sample"  # a file, a folder or a glob; with `sources`, the folder holding them all
     sources: list[SourceParams] = field(default_factory=list)  # a weighted mixture; empty: data_path alone
     validation_path: str = ""  # documents for the validation split instead of tokenize.val_ratio
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
     fields: FieldNames = field(default_factory=FieldNames)
     roles: dict[str, Literal[ROLE_NAMES]] = field(default_factory=dict)  # a file's role -> ours, beyond the known
     template: Literal["auto", "alpaca", "chatml", "tokenizer"] = "auto"

@@ -14,6 +14,9 @@ SUSPICIOUS = {
     "empty_answer": "empty answers (nothing to learn but EOS; render.empty_answers: skip drops them)",
     "no_user_turn": "conversations without a user turn",
     "long_record": "records longer than render.long_record_chars",
+    "identical_answers": "preference pairs whose chosen and rejected answers are the same",
+    "prompts_differ": "preference pairs whose chosen and rejected transcripts disagree on the prompt (the chosen "
+                      "one's is used)",
 }
 
 
