@@ -191,7 +191,7 @@ class Session:
         for i, batch in enumerate(on_device):
             with self.parallel.gradient_sync(last_micro_step=i == len(on_device) - 1):
                 with self.precision.autocast():
-                    loss_sum = self.parallel.forward(batch.inputs, batch.labels, batch.positions)
+                    loss_sum = self.parallel.forward(*batch.arguments())
                 self.scaler.scale(loss_sum / counted).backward()
             total += loss_sum.detach()
         self.scaler.unscale(self.optimizer)  # fp16: gradients at their true size before clipping and the norm
@@ -250,7 +250,7 @@ class Session:
         with torch.no_grad(), self.precision.autocast():
             for batch in self.val:
                 batch = batch.to(self.device)
-                total += self.parallel.forward(batch.inputs, batch.labels, batch.positions).float()
+                total += self.parallel.forward(*batch.arguments()).float()
         self.model.train()
         live.step = step
         loss = (total / max(1, counted_tokens(self.val))).item()
