@@ -169,6 +169,13 @@ class TrainParams:
     # How samples are cut from the token files (stages/lib/tokenizing/batches.py): windows of the token stream, or whole
     # documents with attention kept inside each; auto: documents when the data has prompts (instruction, chat).
     packing: Literal["auto", "stream", "documents"] = "auto"
+    # What the run learns (stages/lib/modeling/preference_loss.py): sft (next tokens of the answers or text), or from
+    # preference pairs dpo (against a reference model) or orpo (no reference). beta: DPO's temperature, ORPO's
+    # lambda. reference (dpo): precomputed (the reference stage scores the pairs once with train.init_from) or
+    # adapters_off (with LoRA: the same model with its adapters switched off, scored live)
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    beta: float = _param(0.1, **_positive())
+    reference: Literal["precomputed", "adapters_off"] = "precomputed"
     batch_size: int = _param(16, **_at_least(1))
     grad_accum: int = _param(1, **_at_least(1))
     lr: float = _param(3e-3, **_positive())
@@ -367,6 +374,14 @@ def _check_across_sections(params: Params, source: str) -> None:
                          f"(train.model_name = {train.model_name!r}): every session would replace its own base. "
                          f"Copy the model to continue from (cp -r {train.init_from} models/{train.model_name}-base) "
                          "and point train.init_from there, or give this run another train.model_name")
+    if train.objective == "dpo" and not train.init_from:
+        raise ParamError(f"{source}: train.objective = 'dpo' tunes a trained model against itself as the reference, "
+                         "but train.init_from is empty; set it to the model to tune (the base, or the export of an "
+                         "SFT run), or use train.objective: orpo, which needs no reference")
+    if train.objective == "dpo" and train.reference == "adapters_off" and not train.lora.r:
+        raise ParamError(f"{source}: train.reference = 'adapters_off' scores the reference as the model with its LoRA "
+                         "adapters switched off, but train.lora.r is 0; set train.lora.r (e.g. 16) or "
+                         "train.reference: precomputed")
     if train.export != "merged" and not train.lora.r:
         raise ParamError(f"{source}: train.export = {train.export!r} exports a LoRA adapter, but train.lora.r is 0 "
                          "(no adapters); set train.lora.r (e.g. 16) or train.export: merged")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from stages.lib.base.errors import UserError
+from stages.lib.base.files import write_atomically
 from stages.lib.tokenizing.batches import IGNORE_INDEX, Batch
 from stages.lib.tokenizing.token_files import id_dtype, read_meta
 
@@ -223,3 +224,34 @@ def pair_record(line: bytes | str) -> dict | None:
     """A records.jsonl line's pair ({"prompt", "chosen", "rejected"}), or None when it is not a pair."""
     record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
     return record if isinstance(record, dict) and record.get("kind") == "preference" else None
+
+
+# ---- the reference model's scores (the reference stage writes them; DPO with train.reference: precomputed) ----
+
+REFERENCE_META = "reference.json"
+_SCORE_DTYPE = np.dtype("<f8")
+
+
+def write_reference(folder: Path, scores: dict[str, np.ndarray], facts: dict) -> None:
+    """Each split's scores (pairs x 2: chosen, rejected) as `<split>.logps.bin`, and what they were computed from."""
+    folder = Path(folder)
+    for split, values in scores.items():
+        write_atomically(folder / f"{split}.logps.bin", np.asarray(values, _SCORE_DTYPE).tobytes())
+    write_atomically(folder / REFERENCE_META, json.dumps(facts, indent=2) + "\n")
+
+
+def read_reference(folder: Path, split: str, expected: dict) -> np.ndarray:
+    """One split's reference scores (pairs x 2), checked against `expected` (the facts they must have been
+    computed from: the pairs' hash, train.seq_len, the reference model)."""
+    path = Path(folder) / REFERENCE_META
+    rerun = "run the reference stage (dvc repro reference, or python -m stages.reference)"
+    if not path.is_file():
+        raise UserError(f"{path} not found: train.objective = dpo with train.reference = precomputed needs the "
+                        f"reference model's scores of the pairs; {rerun}, or set train.reference: adapters_off "
+                        "with LoRA")
+    facts = json.loads(path.read_text(encoding="utf-8"))
+    changed = [key for key, value in expected.items() if facts.get(key) != value]
+    if changed:
+        raise UserError(f"{path}: the reference scores were computed for other {', '.join(changed)} than this run's; "
+                        f"{rerun}")
+    return np.fromfile(Path(folder) / f"{split}.logps.bin", dtype=_SCORE_DTYPE).reshape(-1, 2)

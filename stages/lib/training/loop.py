@@ -25,6 +25,7 @@ from stages.lib.checkpointing import store
 from stages.lib.checkpointing.live_logs import open_live
 from stages.lib.distributed.parallel import full_value
 from stages.lib.modeling.precision import LossScaler, Precision
+from stages.lib.modeling.preference_loss import metrics_from
 from stages.lib.tokenizing.batches import Samples, TrainBatches, counted_tokens, validation_batches
 from stages.lib.training.decision import Decision
 from stages.lib.training.schedule import Schedule, time_for_another_step
@@ -113,6 +114,7 @@ class Session:
         self.last_saved: dict | None = None  # rank 0's parts as captured by the latest save
         self.last_state: dict | None = None  # and its state.json
         self.progress: Progress | None = None
+        self.preference: dict = {}  # the latest step's rewards (train.objective dpo or orpo)
 
     def _closing_guesses(self) -> dict:
         # Before they are timed: a checkpoint writes the trained tensors and two Adam moments, an export the weights.
@@ -213,7 +215,14 @@ class Session:
         self.scaler.step(self.optimizer, grad_norm)  # fp16: skipped for an inf or nan gradient; the batch is used
         self.optimizer.zero_grad(set_to_none=True)
         loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), grad_norm.item()
+        self.preference = self._preference_metrics()
         return loss, grad_norm, time.perf_counter() - began
+
+    def _preference_metrics(self) -> dict:
+        """The rewards summed by a preference objective since last asked, over every process (else nothing)."""
+        take = getattr(self.parallel.module, "take_metrics", None)
+        sums = take() if take else None
+        return metrics_from(self.world.sum_tensor(sums)) if sums is not None else {}
 
     def _log_step(self, live, step: int, loss: float, grad_norm: float, seconds: float) -> None:
         live.step = step
@@ -221,6 +230,8 @@ class Session:
             if math.isfinite(value):  # fp16 can skip a step for an inf norm: JSON has no inf, skipped_steps counts it
                 live.log_metric(name, value)
         live.log_metric("lr", self.optimizer.param_groups[0]["lr"])
+        for name, value in self.preference.items():
+            live.log_metric(f"train/{name}", value)
         if self.scaler.enabled:
             live.log_metric("skipped_steps", self.scaler.skipped_steps)
             live.log_metric("loss_scale", self.scaler.current_scale())
@@ -255,6 +266,8 @@ class Session:
         live.step = step
         loss = (total / max(1, counted_tokens(self.val))).item()
         live.log_metric("val/loss", loss)
+        for name, value in self._preference_metrics().items():
+            live.log_metric(f"val/{name}", value)
         live.make_summary()
         self.progress.event(f"step {step}: val/loss {loss:.4f}")
         self.timer.measured["eval"] = time.monotonic() - began
