@@ -54,10 +54,10 @@ def _score(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, folder: Pa
     from stages.lib.base.devices import pick_device
     from stages.lib.modeling.families import build_model
     from stages.lib.modeling.preference_loss import sequence_logps
+    from stages.lib.tokenizing.loading import tokenizer_facts
     from stages.lib.tokenizing.pairs import pair_samples, write_reference
     from stages.lib.tokenizing.token_files import read_meta
     from stages.lib.training.preference_runs import reference_facts
-    from stages.lib.training.trainer import tokenizer_facts
 
     began = time.monotonic()
     meta = read_meta(tokens_dir)

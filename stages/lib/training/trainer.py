@@ -46,6 +46,7 @@ from stages.lib.modeling.families import (
 from stages.lib.modeling.model_folders import holds
 from stages.lib.modeling.precision import LossScaler, Precision, pick_precision
 from stages.lib.tokenizing.batches import TrainBatches, describe_samples, split_samples
+from stages.lib.tokenizing.loading import tokenizer_facts
 from stages.lib.tokenizing.pairs import describe_pairs
 from stages.lib.tokenizing.token_files import dominant_documents, packing_for, read_meta
 from stages.lib.training.deadline import session_minutes
@@ -177,18 +178,6 @@ def decide_on_main(train: TrainParams, meta: dict, samples_per_epoch: int, token
     if decision.from_recovery:  # put it back where DVC will record it
         return replace(decision, resume=store.bring_back(decision.resume, Path(train.checkpoint_dir)))
     return decision
-
-
-def tokenizer_facts(tokenizer_dir: Path, trust_remote_code: bool, meta: dict) -> tuple[int, dict]:
-    """The model's vocabulary size and the tokenizer's special token ids."""
-    if not Path(tokenizer_dir).is_dir():
-        raise UserError(f"{tokenizer_dir} not found: run the tokenizer stage first (dvc repro tokenizer)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
-    return max(len(tokenizer), meta["vocab_size"]), special
 
 
 def check_memory(train: TrainParams, decision: Decision, world: World,
