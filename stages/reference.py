@@ -23,7 +23,6 @@ from stages.lib.base.params import TOKENIZER_DIR, TOKENS_DIR, TrainParams, load_
 from stages.lib.tokenizing.pairs import REFERENCE_META
 
 REFERENCE_DIR = Path("data/reference")
-PAIRS_PER_BATCH = 8
 
 
 def main() -> None:
@@ -49,11 +48,10 @@ def score_pairs(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, out_d
 
 def _score(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, folder: Path, trust_remote_code: bool) -> dict:
     import numpy as np
-    import torch
 
     from stages.lib.base.devices import pick_device
     from stages.lib.modeling.families import build_model
-    from stages.lib.modeling.preference_loss import sequence_logps
+    from stages.lib.modeling.preference_loss import pair_scores
     from stages.lib.tokenizing.loading import tokenizer_facts
     from stages.lib.tokenizing.pairs import pair_samples, write_reference
     from stages.lib.tokenizing.token_files import read_meta
@@ -66,16 +64,9 @@ def _score(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, folder: Pa
     # The same model the train stage starts from: same vocabulary size, same weights.
     model = build_model(train, *tokenizer_facts(tokenizer_dir, trust_remote_code, meta)).to(device).eval()
     scores = {}
-    with torch.no_grad():
-        for split in facts["pairs_sha256"]:
-            samples = pair_samples(tokens_dir, split, train.seq_len, required=False)
-            count = samples.count if samples else 0
-            rows = []
-            for first in range(0, count, PAIRS_PER_BATCH):
-                batch = samples.gather(np.arange(first, min(count, first + PAIRS_PER_BATCH))).to(device)
-                chosen, rejected = sequence_logps(model, batch.inputs, batch.labels)[0].double().cpu().chunk(2)
-                rows.append(torch.stack([chosen, rejected], dim=1).numpy())
-            scores[split] = np.concatenate(rows) if rows else np.zeros((0, 2))
+    for split in facts["pairs_sha256"]:
+        samples = pair_samples(tokens_dir, split, train.seq_len, required=False)
+        scores[split] = pair_scores(model, samples)[:, :, 0] if samples else np.zeros((0, 2))
     facts = {"scores": True, **facts}
     write_reference(folder, scores, facts)
     pairs = sum(len(s) for s in scores.values())

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import yaml
 from test_families import base_model
 from train_helpers import VOCAB, inside, make_workspace, read_tsv, session, tiny_params
+from transformers import AutoModelForCausalLM
 
 from stages.lib.base.params import ParamError, load_params
 from stages.lib.modeling import lora
@@ -19,6 +20,7 @@ from stages.lib.modeling.preference_loss import PreferenceLossModule, adapters_o
 from stages.lib.tokenizing.pairs import PairWriter, pair_samples, read_reference
 from stages.lib.tokenizing.token_files import read_meta, write_meta
 from stages.lib.training.decision import fingerprint_values
+from stages.lib.training.preference_runs import preference_metrics
 from stages.reference import score_pairs
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0}
@@ -211,3 +213,24 @@ def test_orpo_from_scratch_trains_and_logs_the_rewards(tmp_path):
     assert result.end_step == 4
     assert len(read_tsv(root, "train/rewards/chosen")) == 4
     assert (root / "models" / "tiny" / "config.json").is_file()
+
+
+def test_evaluate_reports_preference_accuracy_and_margin_on_the_validation_pairs(tmp_path):
+    base = base_model("llama", tmp_path / "base").eval()
+    run = dpo_lora_run(tmp_path / "base", lr=2e-2)
+    root = workspace(tmp_path / "w")
+    session(root, **run)
+    train, tokens = tiny_params(**run), root / "data" / "tokens"
+    exported = AutoModelForCausalLM.from_pretrained(root / "models" / "tiny").eval()
+    with inside(root):
+        before = preference_metrics(base, train, tokens, root / "data" / "tokenizer")
+        after = preference_metrics(exported, train, tokens, root / "data" / "tokenizer")
+    assert before == {"pref_accuracy": 0.0, "pref_margin": 0.0, "pref_pairs": 6}  # the base is its own reference
+    batch = pair_samples(tokens, "val", 16, True).gather(np.arange(6))
+    with torch.no_grad():
+        margins = 0.1 * ((row_logps(exported, batch)[0] - row_logps(base, batch)[0]).double().reshape(2, 6))
+    margins = margins[0] - margins[1]
+    assert after["pref_pairs"] == 6
+    assert after["pref_margin"] == pytest.approx(margins.mean().item(), abs=1e-5)
+    assert after["pref_accuracy"] == pytest.approx((margins > 0).double().mean().item())
+    assert preference_metrics(exported, tiny_params(), tokens, root / "data" / "tokenizer") == {}  # an SFT run

@@ -19,6 +19,7 @@ rewards, their margin and the share of pairs whose chosen reward beats the rejec
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,3 +119,16 @@ def metrics_from(sums: torch.Tensor) -> dict:
     chosen, rejected, margin, accurate, pairs = sums.tolist()
     pairs = max(pairs, 1.0)
     return dict(zip(METRICS, (chosen / pairs, rejected / pairs, margin / pairs, accurate / pairs)))
+
+
+def pair_scores(model: torch.nn.Module, samples, pairs_per_batch: int = 8) -> np.ndarray:
+    """(summed log-probability, answer tokens) of each pair's chosen and rejected answers under `model`, as an array
+    of pairs x 2 x 2 (float64), without gradients: the reference stage's scores, and evaluate's."""
+    rows = []
+    with torch.no_grad():
+        for first in range(0, samples.count, pairs_per_batch):
+            batch = samples.gather(np.arange(first, min(samples.count, first + pairs_per_batch))).to(model.device)
+            logps, counts = sequence_logps(model, batch.inputs, batch.labels)
+            both = torch.stack([logps.double(), counts.double()], dim=1).cpu()  # rows x 2
+            rows.append(torch.stack(both.chunk(2), dim=1).numpy())  # pairs x (chosen, rejected) x 2
+    return np.concatenate(rows) if rows else np.zeros((0, 2, 2))
