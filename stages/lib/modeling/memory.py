@@ -129,6 +129,9 @@ class Setup:
     lora_targets: tuple = ()  # the layer names adapted (stages/lib/modeling/lora.py); empty: every block linear (auto)
     lora_dropout: bool = False  # whether the adapters' inputs go through dropout in training
     shards: int = 1  # processes FSDP shards weights, gradients and optimizer state over
+    # Rows per sample: 2 for preference pairs (a chosen and a rejected sequence). DPO's reference costs no memory of
+    # its own: precomputed, or the same weights with the adapters off, run without gradients
+    sequences: int = 1
 
     @property
     def half(self) -> bool:
@@ -175,8 +178,9 @@ class MemoryPlan:
         mode = f"LoRA r={s.lora_r}, " if s.lora_r else ""
         checkpointing = "on" if s.activation_checkpointing else "off"
         sharded = f", sharded over {s.shards} processes" if s.shards > 1 else ""
+        rows = f"{s.batch_size} pairs ({2 * s.batch_size} sequences)" if s.sequences == 2 else f"{s.batch_size}"
         head = (f"memory plan{' on ' + self.where if self.where else ''} ({mode}{s.precision}, micro-batch "
-                f"{s.batch_size} x {s.seq_len} tokens, activation checkpointing {checkpointing}{sharded}):")
+                f"{rows} x {s.seq_len} tokens, activation checkpointing {checkpointing}{sharded}):")
         parts = " + ".join(f"{name} {size(value)}" for name, value in self.parts.items() if value)
         verdict = ""
         if self.available is not None:
@@ -198,7 +202,7 @@ def plan_memory(shape: ModelShape, setup: Setup, available: int | None = None, w
     half, lora = setup.half, setup.lora_r > 0
     adapted = [shape.linear_layers[name] for name in s.lora_targets or shape.block_linears] if lora else []
     trained = s.lora_r * sum(inputs + outputs for inputs, outputs in adapted) if lora else n
-    tokens = s.batch_size * s.seq_len
+    tokens = s.batch_size * s.seq_len * s.sequences
     a = 2 if half else 4
     lora_activations = tokens * sum(inputs * (a + 1) * s.lora_dropout + s.lora_r * a for inputs, _ in adapted)
     block = block_bytes_per_token(shape, half) * tokens + lora_activations // max(1, shape.layers)

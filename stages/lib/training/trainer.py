@@ -187,6 +187,7 @@ def check_memory(train: TrainParams, decision: Decision, world: World,
     shape = memory.model_shape(model_config(train, decision.vocab_size, decision.special_ids))
     setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
                          train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1,
+                         sequences=2 if train.objective != "sft" else 1,
                          **lora.checked_plan_settings(train, decision.vocab_size, shape))
     free = memory.available_memory(world.device)
     if world.device.type == "cpu":  # the processes of this machine share its memory
