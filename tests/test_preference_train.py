@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 from test_families import base_model
-from train_helpers import VOCAB, inside, make_workspace, read_tsv, session, tiny_params
+from train_helpers import VOCAB, inside, make_workspace, read_tsv, run_stage, session, tiny_params
 from transformers import AutoModelForCausalLM
 
 from stages.lib.base.params import ParamError, load_params
@@ -234,3 +235,20 @@ def test_evaluate_reports_preference_accuracy_and_margin_on_the_validation_pairs
     assert after["pref_margin"] == pytest.approx(margins.mean().item(), abs=1e-5)
     assert after["pref_accuracy"] == pytest.approx((margins > 0).double().mean().item())
     assert preference_metrics(exported, tiny_params(), tokens, root / "data" / "tokenizer") == {}  # an SFT run
+
+
+def test_dpo_on_two_processes_trains_as_one_process_with_the_same_global_batch(tmp_path):
+    base_model("llama", tmp_path / "base")
+    run = dpo_lora_run(tmp_path / "base", total_step_budget=4, save_every=4, eval_every=4)
+    one, two = workspace(tmp_path / "one"), workspace(tmp_path / "two")
+    session(one, **run, grad_accum=2)
+    done = run_stage(two, **run, grad_accum=1, devices=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = "checkpoints/step-00000004/adapters.safetensors"
+    mine, theirs = load_file(one / last), load_file(two / last)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(theirs[name], mine[name], rtol=1e-4, atol=1e-6)
+    for metric in ("train/loss", "train/rewards/accuracy", "train/rewards/margin"):
+        ours, other = ([float(v) for _, v in read_tsv(root, metric)] for root in (one, two))
+        assert other == pytest.approx(ours, rel=1e-4, abs=1e-6), metric
