@@ -392,6 +392,9 @@ def print_summary(meta: dict) -> None:
         if s["documents_without_loss"]:
             print(f"tokenize: {split}: {s['documents_without_loss']:,} documents have no token in the loss (a prompt "
                   "with no answer): they teach nothing")
+    for split, pairs in (meta.get("pairs") or {}).items():
+        print(f"tokenize: {split}: {pairs['pairs']:,} preference pairs, {pairs['tokens']:,} tokens "
+              f"({split}.pairs.bin)")
     for warning in dominant_documents(meta):
         print(f"tokenize: {warning}")
 

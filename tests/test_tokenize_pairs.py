@@ -12,7 +12,7 @@ from stages.lib.base.params import TokenizeParams
 from stages.lib.tokenizing.batches import IGNORE_INDEX, TrainBatches
 from stages.lib.tokenizing.pairs import PreferencePairs, fit_pair, pair_samples, read_pairs
 from stages.lib.tokenizing.token_files import read_meta
-from stages.tokenize import tokenize_records
+from stages.tokenize import print_summary, tokenize_records
 
 EOS = 0  # the word-level test tokenizer's first special
 
@@ -42,7 +42,7 @@ def tokens():
     return meta
 
 
-def test_pairs_are_written_beside_the_sft_files_with_prompt_and_answers_apart(tokens):
+def test_pairs_are_written_beside_the_sft_files_with_prompt_and_answers_apart(tokens, capsys):
     meta = read_meta("tokens")
     assert meta["pairs"]["train"]["pairs"] == 3 and meta["pairs"]["val"]["pairs"] == 1
     assert meta["splits"]["train"]["documents"] == 3  # the SFT files hold prompt + chosen
@@ -53,6 +53,9 @@ def test_pairs_are_written_beside_the_sft_files_with_prompt_and_answers_apart(to
         assert chosen.tolist() == ids(pair["chosen"]) + [EOS] and chosen_mask.tolist() == [1] * len(chosen)
         assert rejected.tolist() == ids(pair["rejected"]) + [EOS] and rejected_mask.all()
     assert read_pairs("tokens", "val").pair(0)[0].tolist() == ids(PAIRS[3]["prompt"])
+    capsys.readouterr()
+    print_summary(meta)
+    assert "tokenize: train: 3 preference pairs, 24 tokens" in capsys.readouterr().out
 
 
 def test_a_batch_holds_the_chosen_rows_then_the_rejected_rows_with_only_answers_counted(tokens):
