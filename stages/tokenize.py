@@ -33,7 +33,8 @@ from stages.lib.base.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, Toke
 from stages.lib.base.progress import bar
 from stages.lib.tokenizing.encoders import encoder_for
 from stages.lib.tokenizing.mixture import read_spans, validation_split, weighted
-from stages.lib.tokenizing.records import RECORDS_FILE, Document, as_document, parse_record
+from stages.lib.tokenizing.pairs import PairWriter, has_pairs, pair_record, write_pair_meta_entry
+from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE, Document, as_document, parse_record
 from stages.lib.tokenizing.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
@@ -89,6 +90,8 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
             for longest in meta["splits"][split]["longest_documents"]:
                 longest["source"] = record_source(records_path, int(starts[order[longest["index"]]]),
                                                   int(lengths[order[longest["index"]]]))
+        if has_pairs(_record_kinds(records_path)):
+            write_pairs(records_path, starts, lengths, splits, tok, folder, meta)
         write_meta(folder, meta)
     print_summary(meta)
     return meta
@@ -113,6 +116,39 @@ class SpecialTokenText:
         return {"documents": self.documents,
                 "first": [{"source": record_source(records_path, int(starts[r]), int(lengths[r])),
                            "tokens": sorted(set(tokens))} for r, tokens in self.first.items()]}
+def _record_kinds(records_path: Path) -> dict:
+    """The kind of each rendered file (stats.json's `formats`), or nothing when stats.json is missing."""
+    path = records_path.parent / STATS_FILE
+    return json.loads(path.read_text(encoding="utf-8")).get("formats", {}) if path.is_file() else {}
+
+
+def write_pairs(records_path: Path, starts: np.ndarray, lengths: np.ndarray, splits: dict, tok: TokenizerInfo,
+                folder: Path, meta: dict, per_chunk: int = 1024) -> None:
+    """Each split's preference pairs in their own token files (stages/lib/tokenizing/pairs.py), in the split's order.
+
+    The prompt and each answer are encoded apart; an answer's mask comes from its response segments as an SFT
+    document's does, and its EOS counts (ending the answer is part of it).
+    """
+    with open(records_path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+        for split, order in splits.items():
+            with PairWriter(folder, split, meta["dtype"]) as writer:
+                for first in range(0, len(order), per_chunk):
+                    picked = order[first:first + per_chunk]
+                    lines = pool.map(lambda i: os.pread(f.fileno(), int(lengths[i]), int(starts[i])), picked)
+                    pairs = [p for p in map(pair_record, lines) if p is not None]
+                    prompts = encode_documents(tok, [Document(p["prompt"], []) for p in pairs], meta["dtype"], False)
+                    answers = [encode_documents(tok, [as_document({"segments": p[k]}) for p in pairs], meta["dtype"],
+                                                False) for k in ("chosen", "rejected")]
+                    for i, (prompt, chosen, rejected) in enumerate(zip(*map(_per_document, (prompts, *answers)))):
+                        writer.write(prompt[0][:-1], chosen, rejected)  # the prompt without the EOS encoding adds
+            write_pair_meta_entry(meta, split, writer.summary())
+
+
+def _per_document(encoded: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) of each document of an encode_documents result."""
+    ids, mask, doc_lengths = encoded
+    bounds = np.concatenate(([0], np.cumsum(doc_lengths)))
+    return [(ids[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def record_source(path: Path, offset: int, length: int) -> str:
@@ -388,6 +424,9 @@ def print_summary(meta: dict) -> None:
             where = ", ".join(f"{d['source']} ({' '.join(d['tokens'])})" for d in spelled["first"])
             print(f"tokenize: {split}: {spelled['documents']:,} documents spell a special token in their data, "
                   f"encoded as plain text (only the template writes special tokens): {where}")
+    for split, pairs in (meta.get("pairs") or {}).items():
+        print(f"tokenize: {split}: {pairs['pairs']:,} preference pairs, {pairs['tokens']:,} tokens "
+              f"({split}.pairs.bin)")
     for warning in dominant_documents(meta):
         print(f"tokenize: {warning}")
 

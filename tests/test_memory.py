@@ -134,6 +134,13 @@ def test_each_setting_that_saves_memory_shrinks_the_plan():
     assert plan_memory(shape, Setup(8, 128, shards=2)).peak < base
 
 
+def test_a_micro_batch_of_pairs_plans_two_sequences_per_pair():
+    shape = model_shape(LlamaConfig(**SMALL))
+    pairs = plan_memory(shape, Setup(4, 128, sequences=2))
+    assert pairs.parts == plan_memory(shape, Setup(8, 128)).parts
+    assert "micro-batch 4 pairs (8 sequences) x 128 tokens" in pairs.lines()[0]
+
+
 def test_the_memory_plan_command_prints_phi_2_on_a_t4_from_its_config(tmp_path, capsys):
     PhiConfig(**PHI_2).save_pretrained(tmp_path / "phi-2")
     memory_plan.main(["--config", str(tmp_path / "phi-2"), "--precision", "fp16", "--gib", "15", "--batch-size",

@@ -55,6 +55,9 @@ class FieldNames:
     role: str = ""  # in each message (defaults `role`, then ShareGPT's `from`)
     content: str = ""  # in each message (defaults `content`, then ShareGPT's `value`)
     tools: str = ""  # the tool definitions of a tool-calling conversation (default `tools`)
+    prompt: str = ""  # preference pairs (defaults `prompt`, `chosen`, `rejected`)
+    chosen: str = ""
+    rejected: str = ""
 
 
 ROLE_NAMES = ("system", "user", "assistant", "tool", "tool_call")  # what a file's roles can be mapped to
@@ -68,7 +71,7 @@ class SourceParams:
     # Times each document appears per epoch; a fraction takes a seeded subset (0.5: half of them, 2.5: all twice
     # and half a third time).
     weight: float = _param(1.0, **_positive())
-    format: Literal["", "auto", "text", "instruction", "chat"] = ""  # "": render.format
+    format: Literal["", "auto", "text", "instruction", "chat", "preference"] = ""  # "": render.format
     fields: FieldNames = field(default_factory=FieldNames)  # names set here replace render.fields' for this source
 
 
@@ -79,7 +82,7 @@ class RenderParams:
     data_path: str = "data/sample"  # a file, a folder or a glob; with `sources`, the folder holding them all
     sources: list[SourceParams] = field(default_factory=list)  # a weighted mixture; empty: data_path alone
     validation_path: str = ""  # documents for the validation split instead of tokenize.val_ratio
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
     fields: FieldNames = field(default_factory=FieldNames)
     roles: dict[str, Literal[ROLE_NAMES]] = field(default_factory=dict)  # a file's role -> ours, beyond the known
     template: Literal["auto", "alpaca", "chatml", "tokenizer"] = "auto"
@@ -169,6 +172,13 @@ class TrainParams:
     # How samples are cut from the token files (stages/lib/tokenizing/batches.py): windows of the token stream, or whole
     # documents with attention kept inside each; auto: documents when the data has prompts (instruction, chat).
     packing: Literal["auto", "stream", "documents"] = "auto"
+    # What the run learns (stages/lib/modeling/preference_loss.py): sft (next tokens of the answers or text), or from
+    # preference pairs dpo (against a reference model) or orpo (no reference). beta: DPO's temperature, ORPO's
+    # lambda. reference (dpo): precomputed (the reference stage scores the pairs once with train.init_from) or
+    # adapters_off (with LoRA: the same model with its adapters switched off, scored live)
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    beta: float = _param(0.1, **_positive())
+    reference: Literal["precomputed", "adapters_off"] = "precomputed"
     batch_size: int = _param(16, **_at_least(1))
     grad_accum: int = _param(1, **_at_least(1))
     lr: float = _param(3e-3, **_positive())
@@ -381,6 +391,14 @@ def _check_across_sections(params: Params, source: str) -> None:
     if train.optimizer == "adamw8bit" and train.strategy == "fsdp":
         raise ParamError(f"{source}: train.optimizer = 'adamw8bit' keeps block-wise 8-bit state that "
                          "train.strategy = fsdp cannot shard; use train.strategy: ddp, or train.optimizer: adamw")
+    if train.objective == "dpo" and not train.init_from:
+        raise ParamError(f"{source}: train.objective = 'dpo' tunes a trained model against itself as the reference, "
+                         "but train.init_from is empty; set it to the model to tune (the base, or the export of an "
+                         "SFT run), or use train.objective: orpo, which needs no reference")
+    if train.objective == "dpo" and train.reference == "adapters_off" and not train.lora.r:
+        raise ParamError(f"{source}: train.reference = 'adapters_off' scores the reference as the model with its LoRA "
+                         "adapters switched off, but train.lora.r is 0; set train.lora.r (e.g. 16) or "
+                         "train.reference: precomputed")
     if train.export != "merged" and not train.lora.r:
         raise ParamError(f"{source}: train.export = {train.export!r} exports a LoRA adapter, but train.lora.r is 0 "
                          "(no adapters); set train.lora.r (e.g. 16) or train.export: merged")

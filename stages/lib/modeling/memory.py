@@ -170,6 +170,9 @@ class Setup:
     optimizer: str = "adamw"  # train.optimizer: adamw | adamw8bit
     train_embeddings: bool = False  # train.lora.train_embeddings: embeddings and head train beside the adapters
     document_mask: bool = False  # packed documents under sdpa: a batch x seq x seq mask kept by each layer
+    # Rows per sample: 2 for preference pairs (a chosen and a rejected sequence). DPO's reference costs no memory of
+    # its own: precomputed, or the same weights with the adapters off, run without gradients
+    sequences: int = 1
 
     @property
     def half(self) -> bool:
@@ -227,8 +230,9 @@ class MemoryPlan:
         mode += "packed documents, " if s.document_mask else ""
         checkpointing = "on" if s.activation_checkpointing else "off"
         sharded = f", sharded over {s.shards} processes" if s.shards > 1 else ""
+        rows = f"{s.batch_size} pairs ({2 * s.batch_size} sequences)" if s.sequences == 2 else f"{s.batch_size}"
         head = (f"memory plan{' on ' + self.where if self.where else ''} ({mode}{s.precision}, micro-batch "
-                f"{s.batch_size} x {s.seq_len} tokens, activation checkpointing {checkpointing}{sharded}):")
+                f"{rows} x {s.seq_len} tokens, activation checkpointing {checkpointing}{sharded}):")
         parts = " + ".join(f"{name} {size(value)}" for name, value in self.parts.items() if value)
         verdict = ""
         if self.available is not None:
@@ -251,7 +255,7 @@ def plan_memory(shape: ModelShape, setup: Setup, available: int | None = None, w
     adapted = [shape.linear_layers[name] for name in s.lora_targets or shape.block_linears] if lora else []
     trained_sizes = _trained_sizes(shape, s)
     trained = sum(trained_sizes)
-    tokens = s.batch_size * s.seq_len
+    tokens = s.batch_size * s.seq_len * s.sequences
     a = 2 if half else 4
     lora_activations = tokens * sum(inputs * (a + 1) * s.lora_dropout + s.lora_r * a for inputs, _ in adapted)
     block = block_bytes_per_token(shape, half) * tokens + lora_activations // max(1, shape.layers)

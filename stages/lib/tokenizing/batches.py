@@ -51,6 +51,10 @@ class Batch:
         """Labels that count in the loss."""
         return int((self.labels != IGNORE_INDEX).sum())
 
+    def arguments(self) -> tuple:
+        """What the loss module's forward takes (a batch of preference pairs gives its own)."""
+        return self.inputs, self.labels, self.positions
+
     def to(self, device: torch.device) -> "Batch":
         """The batch on `device`; from pinned host memory a GPU copy overlaps with the computation."""
         if device.type == "cuda":

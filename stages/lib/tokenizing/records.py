@@ -34,7 +34,16 @@ class Document:
 
 def record_line(source: str, kind: str, segments: list[dict]) -> str:
     """One line of records.jsonl; ValueError when the text cannot be written as UTF-8 (a lone surrogate)."""
-    line = json.dumps({"source": source, "kind": kind, "segments": segments}, ensure_ascii=False) + "\n"
+    return _line({"source": source, "kind": kind, "segments": segments})
+
+
+def pair_line(source: str, pair: dict) -> str:
+    """One line of records.jsonl for a preference pair ({"prompt": text, "chosen": segments, "rejected": ...})."""
+    return _line({"source": source, "kind": "preference", **pair})
+
+
+def _line(record: dict) -> str:
+    line = json.dumps(record, ensure_ascii=False) + "\n"
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
@@ -55,6 +64,10 @@ def parse_record(line: bytes | str) -> Document:
 def as_document(record: object) -> Document:
     """A parsed line of records.jsonl as a Document; ValueError says what is wrong with it."""
     segments = record.get("segments") if isinstance(record, dict) else None
+    if segments is None and isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        # A preference pair reads as its prompt and chosen answer: the tokenizer learns from that text, and an
+        # SFT run on pairs learns the chosen answers.
+        segments = [{"text": record["prompt"], "response": False}, *(record.get("chosen") or [])]
     if not isinstance(segments, list):
         raise ValueError("expected a JSON object with a \"segments\" list")
     texts, spans, at = [], [], 0

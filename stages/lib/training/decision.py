@@ -35,6 +35,7 @@ from stages.lib.base.params import TrainParams
 from stages.lib.checkpointing.parts import Checkpoint
 from stages.lib.checkpointing.store import Found
 from stages.lib.tokenizing.token_files import packing_for
+from stages.lib.training.preference_runs import preference_values
 from stages.lib.training.schedule import Schedule, agrees_until, total_steps
 
 # The settings that plan the run's length and learning-rate shape: changing them extends (or shortens) the run.
@@ -192,6 +193,8 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
         "decay_steps": train.decay_steps if wsd else None,
         "decay_fraction": train.decay_fraction if wsd and not train.decay_steps else None,
     })
+    if train.objective != "sft":  # an SFT run's fingerprint stays what it was before preference tuning existed
+        values.update(preference_values(train, meta))
     return values
 
 

@@ -27,6 +27,7 @@ from stages.lib.checkpointing.live_logs import open_live
 from stages.lib.distributed.parallel import full_value
 from stages.lib.modeling import memory
 from stages.lib.modeling.precision import SETTLING_STEPS, LossScaler, Precision, gives_up, overflow_message
+from stages.lib.modeling.preference_loss import metrics_from
 from stages.lib.tokenizing.batches import Samples, TrainBatches, counted_tokens, validation_batches
 from stages.lib.training.decision import Decision
 from stages.lib.training.optimizers import set_learning_rate
@@ -120,6 +121,7 @@ class Session:
         self.last_state: dict | None = None  # and its state.json
         self.progress: Progress | None = None
         self.memory_plan: memory.MemoryPlan | None = None  # the plan printed before the first step, if any
+        self.preference: dict = {}  # the latest step's rewards (train.objective dpo or orpo)
 
     def _closing_guesses(self) -> dict:
         # Before they are timed: a checkpoint writes the trained tensors and two Adam moments, an export the weights.
@@ -210,7 +212,7 @@ class Session:
         for i, batch in enumerate(on_device):
             with self.parallel.gradient_sync(last_micro_step=i == len(on_device) - 1):
                 with self.precision.autocast():
-                    loss_sum = self.parallel.forward(batch.inputs, batch.labels, batch.positions)
+                    loss_sum = self.parallel.forward(*batch.arguments())
                 self.scaler.scale(loss_sum / counted).backward()
             total += loss_sum.detach()
         self.scaler.unscale(self.optimizer)  # fp16: gradients at their true size before clipping and the norm
@@ -231,7 +233,14 @@ class Session:
         self.scaler.step(self.optimizer, grad_norm)  # fp16: skipped for an inf or nan gradient; the batch is used
         self.optimizer.zero_grad(set_to_none=True)
         loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), grad_norm.item()
+        self.preference = self._preference_metrics()
         return loss, grad_norm, time.perf_counter() - began
+
+    def _preference_metrics(self) -> dict:
+        """The rewards summed by a preference objective since last asked, over every process (else nothing)."""
+        take = getattr(self.parallel.module, "take_metrics", None)
+        sums = take() if take else None
+        return metrics_from(self.world.sum_tensor(sums)) if sums is not None else {}
 
     def _log_step(self, live, step: int, loss: float, grad_norm: float, seconds: float) -> None:
         live.step = step
@@ -239,6 +248,8 @@ class Session:
             if math.isfinite(value):  # fp16 can skip a step for an inf norm: JSON has no inf, skipped_steps counts it
                 live.log_metric(name, value)
         live.log_metric("lr", self.optimizer.param_groups[0]["lr"])
+        for name, value in self.preference.items():
+            live.log_metric(f"train/{name}", value)
         if self.scaler.enabled:
             live.log_metric("skipped_steps", self.scaler.skipped_steps)
             live.log_metric("loss_scale", self.scaler.current_scale())
@@ -271,11 +282,13 @@ class Session:
         with torch.no_grad(), self.precision.autocast():
             for batch in self.val:
                 batch = batch.to(self.device)
-                total += self.parallel.forward(batch.inputs, batch.labels, batch.positions).float()
+                total += self.parallel.forward(*batch.arguments()).float()
         self.model.train()
         live.step = step
         loss = (total / max(1, counted_tokens(self.val))).item()
         live.log_metric("val/loss", loss)
+        for name, value in self._preference_metrics().items():
+            live.log_metric(f"val/{name}", value)
         live.make_summary()
         self.progress.event(f"step {step}: val/loss {loss:.4f}")
         self.timer.measured["eval"] = time.monotonic() - began
