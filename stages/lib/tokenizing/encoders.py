@@ -50,6 +50,7 @@ class TokenizersEncoder:
     """The `tokenizers` library's own encode_batch, which spreads the documents over the cores."""
 
     name = "tokenizers"
+    cuts_exact = False  # see encoder_for
 
     def __init__(self, backend: Any, special: SpecialTokens | None = None):
         self.backend = backend
@@ -96,6 +97,7 @@ class TiktokenEncoder:
     """tiktoken over ranks built from a byte-level BPE's merges; ids mapped back to the tokenizer's own."""
 
     name = "tiktoken"
+    cuts_exact = False  # see encoder_for
 
     def __init__(self, pattern: str, ranks: dict[bytes, int], specials: dict[str, int], rank_to_id: np.ndarray,
                  eos: str, special: SpecialTokens | None = None):
@@ -200,11 +202,17 @@ def encoder_for(tokenizer_json: Path, backend: Any, eos: str, allow_tiktoken: bo
     """The tiktoken encoder when the tokenizer is one it runs exactly (see the module docstring), else tokenizers'."""
     data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
     special = SpecialTokens(data.get("added_tokens") or [])
+    encoder = None
     if allow_tiktoken:
         built = _tiktoken_parts(data, eos)
         if built is not None:
-            return TiktokenEncoder(*built, eos, special)
-    return TokenizersEncoder(backend, special)
+            encoder = TiktokenEncoder(*built, eos, special)
+    encoder = encoder or TokenizersEncoder(backend, special)
+    # Text cut before a space that follows a non-space (stages/lib/tokenizing/long_records.py) encodes to the
+    # same ids as whole under these split patterns: none of their pieces holds a non-space followed by a space.
+    encoder.cuts_exact = (data.get("normalizer") is None
+                          and _pattern(data.get("pre_tokenizer")) in (GPT2_PATTERN, DIGITS_PATTERN))
+    return encoder
 
 
 def _tiktoken_parts(data: dict, eos: str) -> tuple | None:
