@@ -61,7 +61,7 @@ class TokenizersEncoder:
                control: list | None = None) -> Encoded:
         """Encode documents; character offsets for those in `offsets_for`. `control`: each document's control
         ranges (stages/lib/tokenizing/special_tokens.py); None: special tokens are matched anywhere."""
-        spelled = _spelled(self.special, texts, control)
+        spelled = self.special.spelled_in(texts, control)
         # Offsets cost time and memory; only documents mixing prompt and response text need them.
         encode = self.backend.encode_batch if offsets_for else self.backend.encode_batch_fast
         encodings = encode(texts, add_special_tokens=False)
@@ -121,7 +121,7 @@ class TiktokenEncoder:
                control: list | None = None) -> Encoded:
         """Encode documents; character offsets for those in `offsets_for`. `control`: each document's control
         ranges (stages/lib/tokenizing/special_tokens.py); None: special tokens are matched anywhere."""
-        spelled = _spelled(self.special, texts, control)
+        spelled = self.special.spelled_in(texts, control)
         # A document holding the EOS text itself, or spelling special tokens in its data, is encoded alone; runs
         # of the others together.
         alone = [i for i, text in enumerate(texts) if i in spelled or self.eos in text]
@@ -164,14 +164,6 @@ class TiktokenEncoder:
 
     def _ranks(self, text: str) -> np.ndarray:
         return self.encoding.encode_to_numpy(text, allowed_special=self.specials, disallowed_special=())
-
-
-def _spelled(special: SpecialTokens, texts: list[str], control: list | None) -> dict[int, list[str]]:
-    """Document index -> the special tokens its data spells, for the documents that spell any."""
-    if control is None:
-        return {}
-    found = ((i, special.spelled(text, ranges)) for i, (text, ranges) in enumerate(zip(texts, control)))
-    return {i: tokens for i, tokens in found if tokens}
 
 
 def _groups(texts: list[str], n: int) -> list[list[str]]:
