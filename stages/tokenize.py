@@ -12,7 +12,12 @@ How it stays fast and bounded in memory:
 - text is encoded about `tokenize.chunk_mb` at a time and the ids are written out before the next chunk is read;
   a byte-level BPE is run by tiktoken, which gives the same ids several times faster (stages/lib/tokenizing/encoders.py,
   `tokenize.encoder`), any other tokenizer by `encode_batch`, which spreads documents over the cores;
-- character offsets (needed for the loss mask) are computed only for documents that mix prompt and response.
+- character offsets (needed for the loss mask) are computed only for documents that mix prompt and response;
+- a record larger than `tokenize.chunk_mb` is read and encoded in pieces (stages/lib/tokenizing/long_records.py),
+  and the summary's figures are counted as the documents stream by, so memory grows only by the index above.
+
+Special tokens come from the template only: text in a record that spells one is encoded as text, and counted and
+located in meta.json (stages/lib/tokenizing/special_tokens.py).
 """
 
 import hashlib
@@ -131,7 +136,7 @@ def record_source(path: Path, offset: int, length: int, chunk_bytes: int = 1 << 
             source = json.loads(long_records.scan(f.fileno(), offset, length, chunk_bytes)[0]).get("source")
         else:
             source = json.loads(os.pread(f.fileno(), length, offset)).get("source")
-    return source if isinstance(source, str) and len(source) < 1000 else f"{path}:{_line_number(path, offset)}"
+    return source if isinstance(source, str) else f"{path}:{_line_number(path, offset)}"
 
 
 def plan_splits(spans: list, params: TokenizeParams) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,8 @@ same ids, several times faster.
 
 Both encoders turn a chunk of documents into one id array (each document's ids followed by EOS), the number of
 tokens per document, and, for the documents asked for, each token's character offsets as `tokenizers` gives them.
+A special token is encoded only where the template wrote it; text from the data that spells one is encoded as
+the characters it is made of (stages/lib/tokenizing/special_tokens.py).
 
 tiktoken runs a byte-level BPE by the rank of each token (merge the adjacent pair whose joined bytes rank lowest),
 `tokenizers` by the rank of each merge (merge the adjacent pair listed first in `merges`). With the ranks taken
