@@ -12,7 +12,12 @@ How it stays fast and bounded in memory:
 - text is encoded about `tokenize.chunk_mb` at a time and the ids are written out before the next chunk is read;
   a byte-level BPE is run by tiktoken, which gives the same ids several times faster (stages/lib/tokenizing/encoders.py,
   `tokenize.encoder`), any other tokenizer by `encode_batch`, which spreads documents over the cores;
-- character offsets (needed for the loss mask) are computed only for documents that mix prompt and response.
+- character offsets (needed for the loss mask) are computed only for documents that mix prompt and response;
+- a record larger than `tokenize.chunk_mb` is read and encoded in pieces (stages/lib/tokenizing/long_records.py),
+  and the summary's figures are counted as the documents stream by, so memory grows only by the index above.
+
+Special tokens come from the template only: text in a record that spells one is encoded as text, and counted and
+located in meta.json (stages/lib/tokenizing/special_tokens.py).
 """
 
 import hashlib
@@ -31,10 +36,11 @@ from stages.lib.base.errors import UserError, run_stage
 from stages.lib.base.files import replaced_folder
 from stages.lib.base.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, TokenizeParams, load_params
 from stages.lib.base.progress import bar
+from stages.lib.tokenizing import long_records
 from stages.lib.tokenizing.encoders import encoder_for
 from stages.lib.tokenizing.mixture import read_spans, validation_split, weighted
 from stages.lib.tokenizing.pairs import PairWriter, has_pairs, pair_record, write_pair_meta_entry
-from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE, Document, as_document, parse_record
+from stages.lib.tokenizing.records import CONTROL_KEY, RECORDS_FILE, STATS_FILE, Document, as_document, parse_record
 from stages.lib.tokenizing.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
@@ -79,6 +85,13 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
             with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
                 for docs, nbytes in prefetched(chunks):
+                    if isinstance(docs, LongRecord):
+                        spelled = write_long_record(tok, records_path, docs, writer, params.train_on_prompt,
+                                                    int(order[done]), chunk_bytes)
+                        spelling.add({int(order[done]): spelled} if spelled else {})
+                        progress.advance(nbytes, 0)
+                        done += 1
+                        continue
                     ids, mask, doc_lengths, spelled = encode_documents(tok, docs, dtype, params.train_on_prompt)
                     writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs),
                                  records=order[done:done + len(docs)])
@@ -86,10 +99,10 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
                     progress.advance(nbytes, len(ids))
                     done += len(docs)
             meta["splits"][split] = writer.summary()
-            meta["splits"][split]["special_token_text"] = spelling.summary(records_path, starts, lengths)
+            meta["splits"][split]["special_token_text"] = spelling.summary(records_path, starts, lengths, chunk_bytes)
             for longest in meta["splits"][split]["longest_documents"]:
-                longest["source"] = record_source(records_path, int(starts[order[longest["index"]]]),
-                                                  int(lengths[order[longest["index"]]]))
+                record = order[longest["index"]]
+                longest["source"] = record_source(records_path, int(starts[record]), int(lengths[record]), chunk_bytes)
         if has_pairs(_record_kinds(records_path)):
             write_pairs(records_path, starts, lengths, splits, tok, folder, meta)
         write_meta(folder, meta)
@@ -111,11 +124,13 @@ class SpecialTokenText:
             if len(self.first) < SPELLED_KEPT:
                 self.first.setdefault(record, tokens)
 
-    def summary(self, records_path: Path, starts: np.ndarray, lengths: np.ndarray) -> dict:
+    def summary(self, records_path: Path, starts: np.ndarray, lengths: np.ndarray, chunk_bytes: int) -> dict:
         """This split's entry for meta.json: how many documents, and where the first ones came from."""
         return {"documents": self.documents,
-                "first": [{"source": record_source(records_path, int(starts[r]), int(lengths[r])),
+                "first": [{"source": record_source(records_path, int(starts[r]), int(lengths[r]), chunk_bytes),
                            "tokens": sorted(set(tokens))} for r, tokens in self.first.items()]}
+
+
 def _record_kinds(records_path: Path) -> dict:
     """The kind of each rendered file (stats.json's `formats`), or nothing when stats.json is missing."""
     path = records_path.parent / STATS_FILE
@@ -151,11 +166,14 @@ def _per_document(encoded: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tu
     return [(ids[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def record_source(path: Path, offset: int, length: int) -> str:
-    """Where the record at `offset` came from (its `source`, e.g. `data/raw/chat.jsonl:12`)."""
+def record_source(path: Path, offset: int, length: int, chunk_bytes: int = 1 << 20) -> str:
+    """Where the record at `offset` came from (its `source`, e.g. `data/raw/chat.jsonl:12`); a record larger than
+    `chunk_bytes` is read without its long strings."""
     with open(path, "rb") as f:
-        f.seek(offset)
-        source = json.loads(f.read(length)).get("source")
+        if length > chunk_bytes:
+            source = json.loads(long_records.scan(f.fileno(), offset, length, chunk_bytes)[0]).get("source")
+        else:
+            source = json.loads(os.pread(f.fileno(), length, offset)).get("source")
     return source if isinstance(source, str) else f"{path}:{_line_number(path, offset)}"
 
 
@@ -272,20 +290,38 @@ def split_documents(n_docs: int, val_ratio: float, shuffle: bool, seed: int) -> 
             raise UserError(f"only {n_docs} document(s) to split, but tokenize.val_ratio = {val_ratio} needs at "
                             "least 2 (one for training, one for validation); add data or set val_ratio: 0")
         n_val = min(max(1, round(n_docs * val_ratio)), n_docs - 1)
-    order = np.random.default_rng(seed).permutation(n_docs) if shuffle else np.arange(n_docs)
-    order = order.astype(np.int32) if n_docs < 1 << 31 else order  # half the memory for millions of documents
+    # int32 where it fits: half the memory for millions of documents. Shuffled in place, which draws the same
+    # permutation as rng.permutation(n_docs) without its int64 array.
+    order = np.arange(n_docs, dtype=np.int32 if n_docs < 1 << 31 else np.int64)
+    if shuffle:
+        np.random.default_rng(seed).shuffle(order)
     return order[:n_docs - n_val], order[n_docs - n_val:]
 
 
+@dataclass
+class LongRecord:
+    """A record larger than tokenize.chunk_mb: read and encoded in pieces (stages/lib/tokenizing/long_records.py)."""
+
+    offset: int
+    length: int
+
+
 def read_documents(path: Path, starts: np.ndarray, lengths: np.ndarray, order: np.ndarray,
-                   chunk_bytes: int) -> Iterator[tuple[list[Document], int]]:
-    """Yield the documents `order` names, in that order, in chunks of about `chunk_bytes` of records."""
+                   chunk_bytes: int) -> Iterator[tuple[list[Document] | LongRecord, int]]:
+    """Yield the documents `order` names, in that order, in chunks of about `chunk_bytes` of records; a record
+    larger than that alone, as a LongRecord."""
     # pread, not mmap: mapped pages of the file would count in the memory of the process, which is to stay flat
     with open(path, "rb") as f:
         lines, offsets, nbytes = [], [], 0
         for first in range(0, len(order), 4096):
             picked = order[first:first + 4096]
             for start, length in zip(starts[picked].tolist(), lengths[picked].tolist()):
+                if length > chunk_bytes:
+                    if lines:
+                        yield _parse_chunk(path, lines, offsets), nbytes
+                        lines, offsets, nbytes = [], [], 0
+                    yield LongRecord(start, length), length
+                    continue
                 lines.append(os.pread(f.fileno(), length, start))
                 offsets.append(start)
                 nbytes += length
@@ -357,6 +393,47 @@ def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
         else:
             mask[start:end] = 0
     return ids, mask, doc_lengths, encoded.spelled
+
+
+def write_long_record(tok: TokenizerInfo, path: Path, record: LongRecord, writer: SplitWriter,
+                      train_on_prompt: bool, index: int, chunk_bytes: int) -> list[str]:
+    """Encode a record larger than `chunk_bytes` piece by piece into `writer`, holding its tokens but never its
+    text whole; return the special tokens its data spells."""
+    with open(path, "rb") as f:
+        try:
+            skeleton, longs = long_records.scan(f.fileno(), record.offset, record.length, chunk_bytes)
+            parsed = long_records.parse_skeleton(skeleton, longs)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{path}, line {_line_number(path, record.offset)}: {err}; records are written by the "
+                            "render stage (see docs/formats.md): rerun it") from None
+        segments, spelled, exact = parsed["segments"], [], [True]
+        responses = [s["response"] for s in segments]
+        prompt = not all(responses)
+        legacy = parsed.get("kind") == "chat" and not any(CONTROL_KEY in s for s in segments)
+
+        def pieces() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for piece in long_records.text_pieces(f.fileno(), segments, max(1, chunk_bytes // 2)):
+                partial = prompt and not train_on_prompt
+                encoded = tok.encoder.encode([piece.text], tok.eos_id, [0] if partial and any(responses) else [],
+                                             None if legacy else [piece.control])
+                n = len(encoded.ids) - 1  # the piece's tokens, its EOS left out
+                mask = np.ones(n + piece.last, np.uint8)
+                if partial and any(responses):
+                    mask[:n] = response_token_mask(encoded.offsets[0], piece.response_spans, len(piece.text))
+                elif partial:
+                    mask[:] = 0
+                spelled.extend(encoded.spelled.get(0, []))
+                exact[0] &= piece.exact
+                yield encoded.ids[:n + piece.last], mask
+
+        writer.write_long_document(pieces(), with_prompt=prompt, record=index)
+    note = ("" if exact[0] and tok.encoder.cuts_exact else ": the ids at each cut may differ from encoding it whole "
+            "(this tokenizer's pre-tokenizer does not split at every space, or a stretch had no space to cut at)")
+    source = parsed.get("source")
+    source = source if isinstance(source, str) else f"{path}:{_line_number(path, record.offset)}"
+    print(f"tokenize: {source}: a record of {record.length / (1 << 20):,.1f} MB, more than tokenize.chunk_mb, "
+          f"encoded in pieces{note}")
+    return sorted(set(spelled))
 
 
 def response_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], n_chars: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from conftest import save_tokenizer, unmarked, write_rendered
 from test_tokenize import PARAMS, sample_records
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
+from stages.lib.base.errors import UserError
 from stages.lib.ingest.chat_templates import render_chat
 from stages.lib.tokenizing.encoders import TokenizersEncoder
 from stages.lib.tokenizing.token_files import read_split
@@ -130,3 +131,11 @@ def test_cutting_at_control_tokens_takes_their_whitespace_as_the_tokenizers_libr
     assert ids == whole.ids and offsets == whole.offsets
     special = TokenizersEncoder(backend).special
     assert special.spelled(text, control) == [] and special.spelled(text, control[1:]) == ["<|user|>"]
+
+
+def test_a_malformed_control_mark_is_an_error_naming_the_line(tmp_path, tokenizer_dir):
+    bad = {"source": "c.jsonl:2", "kind": "chat", "segments": [{"text": "<|im_start|>user\nhi", "response": False,
+                                                                "control": [[0, 99]]}]}
+    path = write_rendered(tmp_path / "rendered", [chat(HONEST, "c.jsonl:1"), bad])
+    with pytest.raises(UserError, match=r"records.jsonl, line 2: each \"control\" entry must be \[start, end\]"):
+        tokenize_records(path, tokenizer_dir, tmp_path / "tokens", PARAMS)

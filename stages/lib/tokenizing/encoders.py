@@ -3,6 +3,8 @@ same ids, several times faster.
 
 Both encoders turn a chunk of documents into one id array (each document's ids followed by EOS), the number of
 tokens per document, and, for the documents asked for, each token's character offsets as `tokenizers` gives them.
+A special token is encoded only where the template wrote it; text from the data that spells one is encoded as
+the characters it is made of (stages/lib/tokenizing/special_tokens.py).
 
 tiktoken runs a byte-level BPE by the rank of each token (merge the adjacent pair whose joined bytes rank lowest),
 `tokenizers` by the rank of each merge (merge the adjacent pair listed first in `merges`). With the ranks taken
@@ -50,6 +52,7 @@ class TokenizersEncoder:
     """The `tokenizers` library's own encode_batch, which spreads the documents over the cores."""
 
     name = "tokenizers"
+    cuts_exact = False  # see encoder_for
 
     def __init__(self, backend: Any, special: SpecialTokens | None = None):
         self.backend = backend
@@ -60,7 +63,7 @@ class TokenizersEncoder:
                control: list | None = None) -> Encoded:
         """Encode documents; character offsets for those in `offsets_for`. `control`: each document's control
         ranges (stages/lib/tokenizing/special_tokens.py); None: special tokens are matched anywhere."""
-        spelled = _spelled(self.special, texts, control)
+        spelled = self.special.spelled_in(texts, control)
         # Offsets cost time and memory; only documents mixing prompt and response text need them.
         encode = self.backend.encode_batch if offsets_for else self.backend.encode_batch_fast
         encodings = encode(texts, add_special_tokens=False)
@@ -96,6 +99,7 @@ class TiktokenEncoder:
     """tiktoken over ranks built from a byte-level BPE's merges; ids mapped back to the tokenizer's own."""
 
     name = "tiktoken"
+    cuts_exact = False  # see encoder_for
 
     def __init__(self, pattern: str, ranks: dict[bytes, int], specials: dict[str, int], rank_to_id: np.ndarray,
                  eos: str, special: SpecialTokens | None = None):
@@ -119,7 +123,7 @@ class TiktokenEncoder:
                control: list | None = None) -> Encoded:
         """Encode documents; character offsets for those in `offsets_for`. `control`: each document's control
         ranges (stages/lib/tokenizing/special_tokens.py); None: special tokens are matched anywhere."""
-        spelled = _spelled(self.special, texts, control)
+        spelled = self.special.spelled_in(texts, control)
         # A document holding the EOS text itself, or spelling special tokens in its data, is encoded alone; runs
         # of the others together.
         alone = [i for i, text in enumerate(texts) if i in spelled or self.eos in text]
@@ -164,14 +168,6 @@ class TiktokenEncoder:
         return self.encoding.encode_to_numpy(text, allowed_special=self.specials, disallowed_special=())
 
 
-def _spelled(special: SpecialTokens, texts: list[str], control: list | None) -> dict[int, list[str]]:
-    """Document index -> the special tokens its data spells, for the documents that spell any."""
-    if control is None:
-        return {}
-    found = ((i, special.spelled(text, ranges)) for i, (text, ranges) in enumerate(zip(texts, control)))
-    return {i: tokens for i, tokens in found if tokens}
-
-
 def _groups(texts: list[str], n: int) -> list[list[str]]:
     """`texts` cut into at most n runs of consecutive documents of about equal length."""
     if n <= 1 or len(texts) < 2:
@@ -200,11 +196,17 @@ def encoder_for(tokenizer_json: Path, backend: Any, eos: str, allow_tiktoken: bo
     """The tiktoken encoder when the tokenizer is one it runs exactly (see the module docstring), else tokenizers'."""
     data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
     special = SpecialTokens(data.get("added_tokens") or [])
+    encoder = None
     if allow_tiktoken:
         built = _tiktoken_parts(data, eos)
         if built is not None:
-            return TiktokenEncoder(*built, eos, special)
-    return TokenizersEncoder(backend, special)
+            encoder = TiktokenEncoder(*built, eos, special)
+    encoder = encoder or TokenizersEncoder(backend, special)
+    # Text cut before a space that follows a non-space (stages/lib/tokenizing/long_records.py) encodes to the
+    # same ids as whole under these split patterns: none of their pieces holds a non-space followed by a space.
+    encoder.cuts_exact = (data.get("normalizer") is None
+                          and _pattern(data.get("pre_tokenizer")) in (GPT2_PATTERN, DIGITS_PATTERN))
+    return encoder
 
 
 def _tiktoken_parts(data: dict, eos: str) -> tuple | None:

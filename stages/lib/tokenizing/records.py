@@ -4,7 +4,6 @@ stages read them, and generate reads which templates they used."""
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from stages.lib.base.errors import UserError
 
@@ -70,7 +69,7 @@ def as_document(record: object) -> Document:
         segments = [{"text": record["prompt"], "response": False}, *(record.get("chosen") or [])]
     if not isinstance(segments, list):
         raise ValueError("expected a JSON object with a \"segments\" list")
-    texts, spans, at = [], [], 0
+    texts, spans, control, marked, at = [], [], [], False, 0
     for segment in segments:
         text = segment.get("text") if isinstance(segment, dict) else None
         response = segment.get("response") if isinstance(segment, dict) else None
@@ -81,28 +80,23 @@ def as_document(record: object) -> Document:
                 spans[-1] = (spans[-1][0], at + len(text))
             else:
                 spans.append((at, at + len(text)))
+        if CONTROL_KEY in segment:
+            marked = True
+            control += _control_ranges(segment[CONTROL_KEY], text, at)
         texts.append(text)
         at += len(text)
-    return Document("".join(texts), spans, control_ranges(record.get("kind"), segments))
+    # A chat record with no control marks at all was written before them: read as then (control None).
+    return Document("".join(texts), spans, None if not marked and record.get("kind") == "chat" else control)
 
 
-def control_ranges(kind: Any, segments: list[dict]) -> list[tuple[int, int]] | None:
-    """The control ranges of a record's segments, as offsets into the document's text; None for a chat record with
-    no `"control"` key on any segment (written before control marks: stages/lib/tokenizing/special_tokens.py).
-    ValueError when an entry is malformed."""
-    if kind == "chat" and not any(CONTROL_KEY in s for s in segments):
-        return None
-    ranges, at = [], 0
-    for s in segments:
-        text = s["text"]
-        for pair in s.get(CONTROL_KEY, ()):
-            if not (isinstance(pair, list) and len(pair) == 2 and all(type(x) is int for x in pair)
-                    and 0 <= pair[0] < pair[1] <= len(text)):
-                raise ValueError(f"each \"{CONTROL_KEY}\" entry must be [start, end] character offsets inside its "
-                                 f"segment's text, got {pair!r}")
-            ranges.append((at + pair[0], at + pair[1]))
-        at += len(text)
-    return ranges
+def _control_ranges(marks: object, text: str, at: int) -> list[tuple[int, int]]:
+    """A segment's control ranges as offsets into the document's text (the segment starts at `at`)."""
+    if not isinstance(marks, list) or not all(isinstance(pair, list) and len(pair) == 2
+                                              and all(type(x) is int for x in pair)
+                                              and 0 <= pair[0] < pair[1] <= len(text) for pair in marks):
+        raise ValueError(f"each \"{CONTROL_KEY}\" entry must be [start, end] character offsets inside its segment's "
+                         f"text, got {marks!r}")
+    return [(at + a, at + b) for a, b in marks]
 
 
 def templates_used(rendered_dir: Path, required: bool = False) -> list[str] | None:

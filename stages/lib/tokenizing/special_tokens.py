@@ -19,6 +19,8 @@ before control marks existed is read as it was then (special tokens matched anyw
 import re
 from typing import Any, NamedTuple
 
+import numpy as np
+
 
 class Piece(NamedTuple):
     """Characters [start, end) of a document: a special token the template wrote (`token` its text), or data (None)."""
@@ -48,6 +50,20 @@ class SpecialTokens:
             return []
         marked = set(control)
         return [m.group() for m in self._pattern.finditer(text) if m.span() not in marked]
+
+    def spelled_in(self, texts: list[str], control: list | None) -> dict[int, list[str]]:
+        """Document index -> the special tokens its data spells, for the documents of `texts` that spell any;
+        `control`: each document's control ranges (None for all: legacy, see the module docstring)."""
+        if self._pattern is None or control is None:
+            return {}
+        # One scan of the chunk finds the documents holding special-token text at all (for plain text, none).
+        found = [m.start() for m in self._pattern.finditer("\0".join(texts))]
+        if not found:
+            return {}
+        ends = np.cumsum([len(text) + 1 for text in texts])
+        holding = np.unique(np.searchsorted(ends, found, side="right")).tolist()
+        spelled = ((i, self.spelled(texts[i], control[i])) for i in holding)
+        return {i: tokens for i, tokens in spelled if tokens}
 
     def pieces(self, text: str, control: list[tuple[int, int]]) -> list[Piece]:
         """`text` cut at the control ranges that hold exactly a special token of this tokenizer; the other control

@@ -9,6 +9,7 @@ import hashlib
 import heapq
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -70,12 +71,8 @@ class SplitWriter:
         mask = mask.astype(np.uint8, copy=False)
         doc_lengths = np.asarray(doc_lengths, np.int64)
         starts = np.cumsum(doc_lengths) - doc_lengths
-        data, mask_data = ids.tobytes(), mask.tobytes()
-        self._sha.update(data)
-        self._mask_sha.update(mask_data)
-        if self._ids is not None:
-            self._ids.write(data)
-            self._mask.write(mask_data)
+        self._append_tokens(ids, mask)
+        if self._starts is not None:
             self._starts.write((starts + self.tokens).astype(_STARTS_DTYPE).tobytes())
         if self._jsonl is not None:
             self._write_jsonl(ids, mask, doc_lengths)
@@ -86,6 +83,39 @@ class SplitWriter:
         self.tokens += len(ids)
         self.loss_tokens += int(np.count_nonzero(mask))
         self.with_prompt += with_prompt
+
+    def write_long_document(self, pieces: Iterator[tuple[np.ndarray, np.ndarray]], with_prompt: bool,
+                            record: int | None = None) -> None:
+        """Append one document given as consecutive (ids, mask) pieces, the last ending with its EOS: a document
+        too long to hold whole (tokenize.chunk_mb). Only JSONL, which writes a document as one line, holds it."""
+        first, loss, held = self.tokens, 0, []
+        for ids, mask in pieces:
+            ids, mask = ids.astype(self.dtype, copy=False), mask.astype(np.uint8, copy=False)
+            self._append_tokens(ids, mask)
+            if self._jsonl is not None:
+                held.append((ids, mask))
+            self.tokens += len(ids)
+            loss += int(np.count_nonzero(mask))
+        length = self.tokens - first
+        if self._starts is not None:
+            self._starts.write(np.array([first], _STARTS_DTYPE).tobytes())
+        if self._jsonl is not None:
+            self._write_jsonl(np.concatenate([i for i, _ in held]), np.concatenate([m for _, m in held]), [length])
+        self.without_loss += loss == 0
+        self.lengths.add(np.array([length]), self.documents, None if record is None else np.array([record]))
+        self.documents += 1
+        self.loss_tokens += loss
+        self.with_prompt += int(with_prompt)
+
+    def _append_tokens(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """Hash `ids` and `mask` (already of the files' dtypes) into the split's sha256 and append them to the .bin
+        files."""
+        data, mask_data = ids.tobytes(), mask.tobytes()
+        self._sha.update(data)
+        self._mask_sha.update(mask_data)
+        if self._ids is not None:
+            self._ids.write(data)
+            self._mask.write(mask_data)
 
     def _write_jsonl(self, ids: np.ndarray, mask: np.ndarray, doc_lengths: np.ndarray) -> None:
         bounds = np.concatenate(([0], np.cumsum(doc_lengths)))
