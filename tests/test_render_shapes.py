@@ -119,6 +119,16 @@ def test_a_line_longer_than_max_record_mb_is_a_bad_record_and_reading_goes_on(na
     assert texts(run(name)[0]) == ["one", long_line, "two\nthree"]
 
 
+def test_a_one_object_file_too_long_or_too_deep_is_one_bad_record():
+    write("raw/long.json", json.dumps({"text": "x" * 5000}, indent=2))
+    write("raw/deep.json", "{\n" + '"a": ' + "[" * 100_000 + "]" * 100_000 + "\n}")
+    write("raw/ok.jsonl", jsonl({"text": "ok"}))
+    records, stats = run("raw", max_record_mb=0.002, on_error="skip")
+    assert texts(records) == ["ok"] and [s["file"] for s in stats["skipped"]] == ["raw/deep.json", "raw/long.json"]
+    assert "nested deeper" in stats["skipped"][0]["problem"]
+    assert "an object longer than render.max_record_mb" in stats["skipped"][1]["problem"]
+
+
 def test_a_json_array_element_longer_than_max_record_mb_is_named():
     write("raw/a.json", json.dumps([{"text": "ok"}, {"text": "x" * 5000}]))
     records, stats = run("raw/a.json", max_record_mb=0.002, on_error="skip")
