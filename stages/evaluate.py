@@ -8,7 +8,9 @@ split of `data/tokens/`, and `evaluate.prompts_path`. Writes to `<train.out_dir>
   `val_loss` (mean loss over the validation tokens that count, mask 1, as in training),
   `perplexity` (exp of val_loss), `val_tokens` (validation tokens read), `val_loss_tokens` (those that counted),
   `exact_match` (share of held-out answers that equal the expected output, both stripped of surrounding
-  whitespace; null when there are no prompts) and `n_prompts`.
+  whitespace; null when there are no prompts) and `n_prompts`; for a preference run (train.objective dpo or orpo)
+  with validation pairs, `pref_accuracy` (share of pairs whose chosen answer's reward beats the rejected one's),
+  `pref_margin` (their mean reward margin) and `pref_pairs` (stages/lib/training/preference_runs.py).
 - `samples.jsonl`: one line per held-out prompt, `{"prompt", "expected", "generated", "correct"}`, where `prompt`
   is the instruction (and its input, after a blank line) as the held-out file gives it.
 
@@ -36,12 +38,13 @@ import torch
 
 from stages.lib.base.errors import UserError, run_stage
 from stages.lib.base.files import write_atomically
-from stages.lib.base.params import MODELS_DIR, TOKENS_DIR, RenderParams, load_params
+from stages.lib.base.params import MODELS_DIR, TOKENIZER_DIR, TOKENS_DIR, RenderParams, load_params
 from stages.lib.base.progress import bar
 from stages.lib.modeling.inference import Decoding, generate_texts, instruction_prompt, instruction_template, load_model
 from stages.lib.modeling.loss import make_loss_fn
 from stages.lib.tokenizing.batches import IGNORE_INDEX, Batch, Samples, split_samples
 from stages.lib.tokenizing.token_files import packing_for, read_meta
+from stages.lib.training.preference_runs import preference_metrics
 
 DIGITS = 6  # metrics are rounded so that last-bit float noise does not change the file
 LEADING = ("val_loss", "exact_match")
@@ -58,10 +61,12 @@ def main() -> None:
         raise UserError(f"{model_dir} not found: run the train stage first (dvc repro train), which exports the "
                         f"model there (train.model_name = {params.train.model_name!r})")
     model, tokenizer = load_model(model_dir, params.tokenizer.trust_remote_code, params.train.device)
-    packing = packing_for(read_meta(TOKENS_DIR), params.train.packing)
-    val_samples = split_samples(TOKENS_DIR, "val", params.train.seq_len, packing, seed=None, required=False,
-                                max_tokens=p.max_val_tokens)
+    meta = read_meta(TOKENS_DIR)
+    val_samples = split_samples(TOKENS_DIR, "val", params.train.seq_len, packing_for(meta, params.train.packing),
+                                seed=None, required=False, max_tokens=p.max_val_tokens, meta=meta)
     metrics = validation_loss(model, val_samples, p.batch_size)
+    metrics.update(preference_metrics(model, params.train, TOKENS_DIR, TOKENIZER_DIR,
+                                      params.tokenizer.trust_remote_code))
     examples = read_heldout(p.prompts_path, p.num_prompts)
     for warning in heldout_warnings(p.prompts_path, params.render):
         print(f"evaluate: warning: {warning}", file=sys.stderr)

@@ -33,10 +33,12 @@ from stages.lib.base.params import RENDERED_DIR, TOKENIZER_DIR, TOKENS_DIR, Toke
 from stages.lib.base.progress import bar
 from stages.lib.tokenizing.encoders import encoder_for
 from stages.lib.tokenizing.mixture import read_spans, validation_split, weighted
-from stages.lib.tokenizing.records import RECORDS_FILE, Document, as_document, parse_record
+from stages.lib.tokenizing.pairs import PairWriter, has_pairs, pair_record, write_pair_meta_entry
+from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE, Document, as_document, parse_record
 from stages.lib.tokenizing.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
+SPELLED_KEPT = 5  # documents that spell special tokens named per split in meta.json
 
 
 @dataclass
@@ -73,19 +75,80 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
     total_bytes = sum(_bytes_of(lengths, order) for order in splits.values())
     with replaced_folder(out_dir) as folder, _Progress(total_bytes) as progress:
         for split, order in splits.items():
+            spelling, done = SpecialTokenText(), 0
             with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
                 for docs, nbytes in prefetched(chunks):
-                    ids, mask, doc_lengths = encode_documents(tok, docs, dtype, params.train_on_prompt)
-                    writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs))
+                    ids, mask, doc_lengths, spelled = encode_documents(tok, docs, dtype, params.train_on_prompt)
+                    writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs),
+                                 records=order[done:done + len(docs)])
+                    spelling.add({int(order[done + i]): tokens for i, tokens in spelled.items()})
                     progress.advance(nbytes, len(ids))
-            meta["splits"][split] = writer.summary(records=order)
+                    done += len(docs)
+            meta["splits"][split] = writer.summary()
+            meta["splits"][split]["special_token_text"] = spelling.summary(records_path, starts, lengths)
             for longest in meta["splits"][split]["longest_documents"]:
                 longest["source"] = record_source(records_path, int(starts[order[longest["index"]]]),
                                                   int(lengths[order[longest["index"]]]))
+        if has_pairs(_record_kinds(records_path)):
+            write_pairs(records_path, starts, lengths, splits, tok, folder, meta)
         write_meta(folder, meta)
     print_summary(meta)
     return meta
+
+
+class SpecialTokenText:
+    """The documents of a split whose data spells a special token (encoded as text): counted, the first few named."""
+
+    def __init__(self):
+        self.documents = 0
+        self.first: dict[int, list[str]] = {}  # record index -> the special tokens it spells
+
+    def add(self, spelled: dict[int, list[str]]) -> None:
+        """Count a chunk's documents that spell special tokens (record index -> the tokens)."""
+        self.documents += len(spelled)
+        for record, tokens in spelled.items():
+            if len(self.first) < SPELLED_KEPT:
+                self.first.setdefault(record, tokens)
+
+    def summary(self, records_path: Path, starts: np.ndarray, lengths: np.ndarray) -> dict:
+        """This split's entry for meta.json: how many documents, and where the first ones came from."""
+        return {"documents": self.documents,
+                "first": [{"source": record_source(records_path, int(starts[r]), int(lengths[r])),
+                           "tokens": sorted(set(tokens))} for r, tokens in self.first.items()]}
+def _record_kinds(records_path: Path) -> dict:
+    """The kind of each rendered file (stats.json's `formats`), or nothing when stats.json is missing."""
+    path = records_path.parent / STATS_FILE
+    return json.loads(path.read_text(encoding="utf-8")).get("formats", {}) if path.is_file() else {}
+
+
+def write_pairs(records_path: Path, starts: np.ndarray, lengths: np.ndarray, splits: dict, tok: TokenizerInfo,
+                folder: Path, meta: dict, per_chunk: int = 1024) -> None:
+    """Each split's preference pairs in their own token files (stages/lib/tokenizing/pairs.py), in the split's order.
+
+    The prompt and each answer are encoded apart; an answer's mask comes from its response segments as an SFT
+    document's does, and its EOS counts (ending the answer is part of it).
+    """
+    with open(records_path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+        for split, order in splits.items():
+            with PairWriter(folder, split, meta["dtype"]) as writer:
+                for first in range(0, len(order), per_chunk):
+                    picked = order[first:first + per_chunk]
+                    lines = pool.map(lambda i: os.pread(f.fileno(), int(lengths[i]), int(starts[i])), picked)
+                    pairs = [p for p in map(pair_record, lines) if p is not None]
+                    prompts = encode_documents(tok, [Document(p["prompt"], []) for p in pairs], meta["dtype"], False)
+                    answers = [encode_documents(tok, [as_document({"segments": p[k]}) for p in pairs], meta["dtype"],
+                                                False) for k in ("chosen", "rejected")]
+                    for i, (prompt, chosen, rejected) in enumerate(zip(*map(_per_document, (prompts, *answers)))):
+                        writer.write(prompt[0][:-1], chosen, rejected)  # the prompt without the EOS encoding adds
+            write_pair_meta_entry(meta, split, writer.summary())
+
+
+def _per_document(encoded: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) of each document of an encode_documents result."""
+    ids, mask, doc_lengths = encoded
+    bounds = np.concatenate(([0], np.cumsum(doc_lengths)))
+    return [(ids[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def record_source(path: Path, offset: int, length: int) -> str:
@@ -159,7 +222,7 @@ def _eos_token(folder: Path) -> str:
 
 
 def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offset (int64) and byte length (int32) of every non-blank line of `path`.
+    """Byte offset and byte length (int64: one line may pass 2 GiB) of every non-blank line of `path`.
 
     Two streaming passes: one counts the lines, the other fills arrays of that size, so memory holds the two
     numbers per line and no copy of them (a gigabyte of short documents is millions of lines).
@@ -168,7 +231,7 @@ def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
     with open(path, "rb") as f:
         n_lines = sum(block.count(b"\n") for block in iter(lambda: f.read(_INDEX_BLOCK), b"")) + 1
-    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int32)
+    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int64)
     kept, line_start, size = 0, 0, 0
     with open(path, "rb") as f:
         while block := f.read(_INDEX_BLOCK):
@@ -275,11 +338,13 @@ def _line_number(path: Path, offset: int) -> int:
 
 
 def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
-                     train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids (each document followed by EOS), loss mask, and tokens per document for a chunk of documents."""
+                     train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Token ids (each document followed by EOS), loss mask, tokens per document for a chunk of documents, and the
+    special tokens spelled by the data of those that spell any (by index in `docs`: encoded as text)."""
     texts = [doc.text for doc in docs]
     partial = [] if train_on_prompt else [i for i, doc in enumerate(docs) if not doc.all_response()]
-    encoded = tok.encoder.encode(texts, tok.eos_id, [i for i in partial if docs[i].response_spans])
+    encoded = tok.encoder.encode(texts, tok.eos_id, [i for i in partial if docs[i].response_spans],
+                                 [doc.control for doc in docs])
     doc_lengths = encoded.lengths
     total = int(doc_lengths.sum())
     ids = encoded.ids.astype(id_dtype(dtype))
@@ -291,7 +356,7 @@ def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
             mask[start:end - 1] = response_token_mask(encoded.offsets[i], doc.response_spans, len(doc.text))
         else:
             mask[start:end] = 0
-    return ids, mask, doc_lengths
+    return ids, mask, doc_lengths, encoded.spelled
 
 
 def response_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], n_chars: int) -> np.ndarray:
@@ -354,6 +419,14 @@ def print_summary(meta: dict) -> None:
         if s["documents_without_loss"]:
             print(f"tokenize: {split}: {s['documents_without_loss']:,} documents have no token in the loss (a prompt "
                   "with no answer): they teach nothing")
+        spelled = s.get("special_token_text", {})
+        if spelled.get("documents"):
+            where = ", ".join(f"{d['source']} ({' '.join(d['tokens'])})" for d in spelled["first"])
+            print(f"tokenize: {split}: {spelled['documents']:,} documents spell a special token in their data, "
+                  f"encoded as plain text (only the template writes special tokens): {where}")
+    for split, pairs in (meta.get("pairs") or {}).items():
+        print(f"tokenize: {split}: {pairs['pairs']:,} preference pairs, {pairs['tokens']:,} tokens "
+              f"({split}.pairs.bin)")
     for warning in dominant_documents(meta):
         print(f"tokenize: {warning}")
 

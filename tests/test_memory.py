@@ -16,6 +16,7 @@ from train_helpers import (
     checkpoint_step,
     inside,
     make_workspace,
+    read_tsv,
     session,
     write_params,
 )
@@ -133,6 +134,13 @@ def test_each_setting_that_saves_memory_shrinks_the_plan():
     assert plan_memory(shape, Setup(8, 128, shards=2)).peak < base
 
 
+def test_a_micro_batch_of_pairs_plans_two_sequences_per_pair():
+    shape = model_shape(LlamaConfig(**SMALL))
+    pairs = plan_memory(shape, Setup(4, 128, sequences=2))
+    assert pairs.parts == plan_memory(shape, Setup(8, 128)).parts
+    assert "micro-batch 4 pairs (8 sequences) x 128 tokens" in pairs.lines()[0]
+
+
 def test_the_memory_plan_command_prints_phi_2_on_a_t4_from_its_config(tmp_path, capsys):
     PhiConfig(**PHI_2).save_pretrained(tmp_path / "phi-2")
     memory_plan.main(["--config", str(tmp_path / "phi-2"), "--precision", "fp16", "--gib", "15", "--batch-size",
@@ -238,3 +246,16 @@ def test_the_plan_counts_the_adapters_peft_creates(family, targets):
     plan = plan_memory(shape, Setup(4, 128, lora_r=8, lora_targets=tuple(names)))
     assert plan.parts["gradients"] == 4 * adapters and plan.parts["AdamW state"] == 8 * adapters
     assert plan.parts["weights"] == 4 * (shape.parameters + adapters)
+
+
+def test_each_session_prints_and_logs_the_memory_it_took_beside_the_plan(tmp_path, capsys):
+    root = make_workspace(tmp_path)
+    session(root, steps_today=6)
+    out = capsys.readouterr().out
+    plan = tiny_plan(batch_size=TINY["batch_size"], grad_accum=TINY.get("grad_accum", 1))
+    line = next(line for line in out.splitlines() if "memory after the first steps:" in line)
+    assert "(peak resident memory of the process); the memory plan said" in line
+    assert f"said {memory.size(plan.peak)}" in line
+    (step, peak), = read_tsv(root, "memory/peak_gib")
+    (_, planned), = read_tsv(root, "memory/plan_gib")
+    assert step == 5 and float(peak) > 0.1 and float(planned) == round(plan.peak / GIB, 3)

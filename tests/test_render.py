@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tokenizer
+from conftest import save_tokenizer, unmarked
 
 from stages.lib.base.errors import UserError
 from stages.lib.base.params import parse_params
@@ -155,7 +155,7 @@ def test_jsonl_with_blank_lines_crlf_and_no_final_newline():
 def test_instruction_data_with_chatml_template_becomes_a_user_assistant_exchange():
     write("raw/i.jsonl", jsonl({"instruction": "Add.", "input": "2 and 3", "output": "5"}))
     records, stats = run("raw/i.jsonl", template="chatml")
-    assert records[0]["segments"] == [
+    assert unmarked(records[0]["segments"]) == [
         {"text": "<|im_start|>user\nAdd.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n", "response": False},
         {"text": "5<|im_end|>", "response": True}, {"text": "\n", "response": False}]
     assert stats["templates"] == ["chatml"]
@@ -179,7 +179,7 @@ def test_chat_messages_render_as_chatml_with_answers_marked():
     write("raw/c.jsonl", jsonl({"id": 1, "messages": CHAT}))
     records, stats = run("raw/c.jsonl")
     assert records[0]["kind"] == "chat" and records[0]["source"] == "raw/c.jsonl:1"
-    assert records[0]["segments"] == CHATML_SEGMENTS
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS
     assert stats["templates"] == ["chatml"] and stats["formats"] == {"raw/c.jsonl": "chat"}
 
 
@@ -189,7 +189,7 @@ def test_sharegpt_conversations_map_to_roles():
     sharegpt[1]["from"] = "user"  # "user" and "assistant" are accepted as well
     write("raw/c.jsonl", jsonl({"conversations": sharegpt}))
     records, _ = run("raw/c.jsonl")
-    assert records[0]["segments"] == CHATML_SEGMENTS
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS
 
 
 def test_crlf_inside_chat_contents_is_normalised():
@@ -375,7 +375,7 @@ def test_tokenizer_chat_template_spans_and_final_eos():
     make_hf_tokenizer("tok", END_WITH_EOS_TEMPLATE)
     write("raw/c.jsonl", jsonl({"messages": CHAT}))
     records, stats = run("raw/c.jsonl", tokenizer=hf("tok"))  # auto picks the tokenizer's template
-    assert records[0]["segments"] == [
+    assert unmarked(records[0]["segments"]) == [
         {"text": "<|system|>\nBe brief.<|end|>\n<|user|>\n2+3?<|end|>\n<|assistant|>\n", "response": False},
         {"text": "5<|end|>\n", "response": True},
         {"text": "<|user|>\ntimes 2?<|end|>\n<|assistant|>\n", "response": False},
@@ -392,7 +392,7 @@ def test_tokenizer_without_chat_template():
     make_hf_tokenizer("tok", None)
     write("raw/c.jsonl", jsonl({"messages": CHAT}))
     records, stats = run("raw/c.jsonl", tokenizer=hf("tok"))
-    assert stats["templates"] == ["chatml"] and records[0]["segments"] == CHATML_SEGMENTS
+    assert stats["templates"] == ["chatml"] and unmarked(records[0]["segments"]) == CHATML_SEGMENTS
     with pytest.raises(UserError, match="has no chat template"):
         run("raw/c.jsonl", template="tokenizer", tokenizer=hf("tok"))
 

@@ -55,6 +55,9 @@ class FieldNames:
     role: str = ""  # in each message (defaults `role`, then ShareGPT's `from`)
     content: str = ""  # in each message (defaults `content`, then ShareGPT's `value`)
     tools: str = ""  # the tool definitions of a tool-calling conversation (default `tools`)
+    prompt: str = ""  # preference pairs (defaults `prompt`, `chosen`, `rejected`)
+    chosen: str = ""
+    rejected: str = ""
 
 
 ROLE_NAMES = ("system", "user", "assistant", "tool", "tool_call")  # what a file's roles can be mapped to
@@ -68,7 +71,7 @@ class SourceParams:
     # Times each document appears per epoch; a fraction takes a seeded subset (0.5: half of them, 2.5: all twice
     # and half a third time).
     weight: float = _param(1.0, **_positive())
-    format: Literal["", "auto", "text", "instruction", "chat"] = ""  # "": render.format
+    format: Literal["", "auto", "text", "instruction", "chat", "preference"] = ""  # "": render.format
     fields: FieldNames = field(default_factory=FieldNames)  # names set here replace render.fields' for this source
 
 
@@ -79,7 +82,7 @@ class RenderParams:
     data_path: str = "data/sample"  # a file, a folder or a glob; with `sources`, the folder holding them all
     sources: list[SourceParams] = field(default_factory=list)  # a weighted mixture; empty: data_path alone
     validation_path: str = ""  # documents for the validation split instead of tokenize.val_ratio
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
     fields: FieldNames = field(default_factory=FieldNames)
     roles: dict[str, Literal[ROLE_NAMES]] = field(default_factory=dict)  # a file's role -> ours, beyond the known
     template: Literal["auto", "alpaca", "chatml", "tokenizer"] = "auto"
@@ -169,6 +172,13 @@ class TrainParams:
     # How samples are cut from the token files (stages/lib/tokenizing/batches.py): windows of the token stream, or whole
     # documents with attention kept inside each; auto: documents when the data has prompts (instruction, chat).
     packing: Literal["auto", "stream", "documents"] = "auto"
+    # What the run learns (stages/lib/modeling/preference_loss.py): sft (next tokens of the answers or text), or from
+    # preference pairs dpo (against a reference model) or orpo (no reference). beta: DPO's temperature, ORPO's
+    # lambda. reference (dpo): precomputed (the reference stage scores the pairs once with train.init_from) or
+    # adapters_off (with LoRA: the same model with its adapters switched off, scored live)
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    beta: float = _param(0.1, **_positive())
+    reference: Literal["precomputed", "adapters_off"] = "precomputed"
     batch_size: int = _param(16, **_at_least(1))
     grad_accum: int = _param(1, **_at_least(1))
     lr: float = _param(3e-3, **_positive())
@@ -195,6 +205,8 @@ class TrainParams:
                                         lambda v: v == "auto" or (type(v) in (int, float) and v >= 0))
     save_every: int = _param(100, **_at_least(1))
     eval_every: int = _param(50, **_at_least(1))
+    # Validation scores eval_batches x the run's global batch (batch_size x grad_accum x processes) fixed samples,
+    # the same in every session of a run whatever its batch_size, so val/loss stays comparable.
     eval_batches: int = _param(8, **_at_least(1))
     log_every: int = _param(10, **_at_least(1))  # a plain log line every N steps when the output is not a terminal
     seed: int = _param(1337, **_at_least(0))
@@ -367,6 +379,26 @@ def _check_across_sections(params: Params, source: str) -> None:
                          f"(train.model_name = {train.model_name!r}): every session would replace its own base. "
                          f"Copy the model to continue from (cp -r {train.init_from} models/{train.model_name}-base) "
                          "and point train.init_from there, or give this run another train.model_name")
+    for key, value, off in (("quantize", train.lora.quantize, "none"),
+                            ("train_embeddings", train.lora.train_embeddings, False)):
+        if value != off and not train.lora.r:
+            raise ParamError(f"{source}: train.lora.{key} = {value!r} applies to LoRA adapters, but train.lora.r is "
+                             f"0 (a full fine-tune); set train.lora.r (e.g. 16) or train.lora.{key}: {off}")
+    if train.lora.quantize != "none" and train.strategy == "fsdp":
+        raise ParamError(f"{source}: train.lora.quantize = {train.lora.quantize!r} holds the base in 4 bits, which "
+                         "train.strategy = fsdp cannot shard; use train.strategy: ddp (each process holds the "
+                         "4-bit base whole)")
+    if train.optimizer == "adamw8bit" and train.strategy == "fsdp":
+        raise ParamError(f"{source}: train.optimizer = 'adamw8bit' keeps block-wise 8-bit state that "
+                         "train.strategy = fsdp cannot shard; use train.strategy: ddp, or train.optimizer: adamw")
+    if train.objective == "dpo" and not train.init_from:
+        raise ParamError(f"{source}: train.objective = 'dpo' tunes a trained model against itself as the reference, "
+                         "but train.init_from is empty; set it to the model to tune (the base, or the export of an "
+                         "SFT run), or use train.objective: orpo, which needs no reference")
+    if train.objective == "dpo" and train.reference == "adapters_off" and not train.lora.r:
+        raise ParamError(f"{source}: train.reference = 'adapters_off' scores the reference as the model with its LoRA "
+                         "adapters switched off, but train.lora.r is 0; set train.lora.r (e.g. 16) or "
+                         "train.reference: precomputed")
     if train.export != "merged" and not train.lora.r:
         raise ParamError(f"{source}: train.export = {train.export!r} exports a LoRA adapter, but train.lora.r is 0 "
                          "(no adapters); set train.lora.r (e.g. 16) or train.export: merged")

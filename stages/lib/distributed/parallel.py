@@ -17,6 +17,7 @@ from stages.lib.base.errors import UserError
 from stages.lib.distributed.world import World
 from stages.lib.modeling.families import tied_names, transformer_blocks
 from stages.lib.modeling.loss import LossModule
+from stages.lib.modeling.preference_loss import PreferenceLossModule
 
 
 @dataclass
@@ -37,19 +38,26 @@ class ParallelModel:
         return contextlib.nullcontext()
 
 
-def parallel_model(model: torch.nn.Module, world: World, strategy: str, compile: bool = False) -> ParallelModel:
-    """The model on this process's device: alone, replicated with DDP, or sharded with FSDP."""
+def parallel_model(model: torch.nn.Module, world: World, strategy: str, compile: bool = False,
+                   preference: tuple[str, float] | None = None) -> ParallelModel:
+    """The model on this process's device: alone, replicated with DDP, or sharded with FSDP. `preference`:
+    (train.objective, train.beta) to train on pairs (stages/lib/modeling/preference_loss.py)."""
     tied = tied_names(model)
+    if preference:  # one module class per objective; everything else is the same
+        def loss_module(m, compile=False):
+            return PreferenceLossModule(m, *preference)
+    else:
+        loss_module = LossModule
     if world.size == 1:
-        module = LossModule(model.to(world.device), compile=compile)
+        module = loss_module(model.to(world.device), compile=compile)
         return ParallelModel(model, module, module, "single", tied)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        module = LossModule(model.to(world.device), compile=compile)
+        module = loss_module(model.to(world.device), compile=compile)
         wrapped = DDP(module, device_ids=[world.device.index] if world.device.type == "cuda" else None,
                       gradient_as_bucket_view=True, **_no_buffer_sync(DDP))
         return ParallelModel(model, module, wrapped, "ddp", tied)
-    return _sharded(model, world, compile, tied)
+    return _sharded(model, world, compile, tied, loss_module)
 
 
 def _no_buffer_sync(ddp_class) -> dict:
@@ -58,7 +66,7 @@ def _no_buffer_sync(ddp_class) -> dict:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
 
 
-def _sharded(model: torch.nn.Module, world: World, compile: bool, tied: list) -> ParallelModel:
+def _sharded(model: torch.nn.Module, world: World, compile: bool, tied: list, loss_module=LossModule) -> ParallelModel:
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
@@ -74,7 +82,7 @@ def _sharded(model: torch.nn.Module, world: World, compile: bool, tied: list) ->
         if compile:
             block.compile()  # in place: the state-dict names stay free of `_orig_mod.`
         fully_shard(block, mesh=mesh)
-    module = LossModule(model)  # the root unit: embeddings, final norm and head; fully_shard moves it to the device
+    module = loss_module(model)  # the root unit: embeddings, final norm and head; fully_shard moves it to the device
     fully_shard(module, mesh=mesh)
     return ParallelModel(model, module, module, "fsdp", tied)
 

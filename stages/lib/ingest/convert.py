@@ -12,6 +12,8 @@ or in several.
   or an assistant turn with neither text nor tool calls, or no assistant turn at all), a conversation with no user
   turn, a conversation ending on a user turn (that turn is kept, as context with nothing to learn), more characters
   than render.long_record_chars. An empty plain text document is dropped, and counted.
+- Preference pairs (render.format: preference, or records with chosen and rejected) are read and rendered by
+  stages/lib/ingest/preference.py.
 """
 
 from dataclasses import dataclass
@@ -23,13 +25,14 @@ from stages.lib.base.params import Params, RenderParams
 from stages.lib.ingest import chat_templates as templates
 from stages.lib.ingest.fields import Mapping, Read, detect_kind, read_chat, read_instruction, read_text, unknown_shape
 from stages.lib.ingest.pieces import Piece
+from stages.lib.ingest.preference import flag_pair, read_preference, render_pair
 from stages.lib.ingest.readers import TOO_DEEP, Location, RecordError
 from stages.lib.ingest.sources import Source
 from stages.lib.ingest.tally import Stats
 from stages.lib.tokenizing.loading import load_tokenizer_folder
-from stages.lib.tokenizing.records import record_line
+from stages.lib.tokenizing.records import pair_line, record_line
 
-READERS = {"text": read_text, "instruction": read_instruction, "chat": read_chat}
+READERS = {"text": read_text, "instruction": read_instruction, "chat": read_chat, "preference": read_preference}
 
 
 @dataclass
@@ -54,8 +57,12 @@ def render_record(where: Location, item: Any, piece: Piece, ctx: Context, stats:
         forced = ctx.sources[piece.source].format or render.format
         kind = forced if forced != "auto" else "text" if piece.layout == "text" else piece.kind
         read = _read(kind, item, mapping, forced != "auto")
-        segments, template = _segments(kind, read, piece.path, ctx.chooser)
-        line = _record_line(where, kind, segments)
+        if kind == "preference":  # stages/lib/ingest/preference.py
+            segments, template = render_pair(read.value, piece.path, ctx.chooser)
+            line = _record_line(where, kind, read.value.rendered)
+        else:
+            segments, template = _segments(kind, read, piece.path, ctx.chooser)
+            line = _record_line(where, kind, segments)
     except templates.TemplateError as err:
         raise UserError(f"{where.described()}: {err}") from None
     except RecordError as err:
@@ -134,6 +141,8 @@ def _flag_answers(kind: str, read: Read, where: str, stats: Stats) -> bool:
         return False
     if kind == "instruction":
         empty = _blank(read.value[2])
+    elif kind == "preference":
+        empty = flag_pair(read.value, where, stats)
     else:
         answers = [m for m in read.value if m["role"] == "assistant"]
         empty = not answers or any(_blank(m["content"]) and not m.get("tool_calls") for m in answers)
@@ -184,9 +193,9 @@ class TemplateChooser:
         return "alpaca" if chosen in ("auto", "alpaca") else self.for_chat(file)
 
 
-def _record_line(where: Location, kind: str, segments: list[dict]) -> str:
+def _record_line(where: Location, kind: str, segments: list[dict] | dict) -> str:
     try:
-        return record_line(str(where), kind, segments)
+        return pair_line(str(where), segments) if kind == "preference" else record_line(str(where), kind, segments)
     except ValueError as err:
         raise RecordError(str(err)) from None
 

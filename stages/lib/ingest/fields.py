@@ -38,7 +38,7 @@ KNOWN_ROLES = {
     "function_call": "tool_call", "tool_call": "tool_call",
 }
 TEXT_PARTS = ("text", "input_text", "output_text")  # part types that hold text (OpenAI's Responses API adds two)
-KINDS = ("text", "instruction", "chat")
+KINDS = ("text", "instruction", "chat", "preference")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class Mapping:
     role: tuple[str, ...]
     content: tuple[str, ...]
     tools: tuple[str, ...]
+    prompt: tuple[str, ...]
+    chosen: tuple[str, ...]
+    rejected: tuple[str, ...]
     roles: tuple[tuple[str, str], ...]
 
     @classmethod
@@ -60,7 +63,8 @@ class Mapping:
         """The mapping from render.fields, a source's own fields (which win) and render.roles."""
         defaults = {"text": ("text",), "instruction": ("instruction",), "input": ("input",), "output": ("output",),
                     "messages": ("messages", "conversations"), "role": ("role", "from"),
-                    "content": ("content", "value"), "tools": ("tools",)}
+                    "content": ("content", "value"), "tools": ("tools",), "prompt": ("prompt",),
+                    "chosen": ("chosen",), "rejected": ("rejected",)}
         names = {}
         for key, ours in defaults.items():
             given = (own and getattr(own, key)) or getattr(fields, key)
@@ -74,6 +78,8 @@ class Mapping:
             return self.text
         if kind == "instruction":
             return self.instruction + self.input + self.output
+        if kind == "preference":
+            return self.prompt + self.messages + self.chosen + self.rejected + self.tools
         return self.messages + self.tools
 
 
@@ -87,13 +93,15 @@ class Read:
 
 
 def detect_kind(record: Any, m: Mapping) -> str | None:
-    """'chat', 'instruction', 'text' or None (not a shape we know) for one record."""
+    """'preference', 'chat', 'instruction', 'text' or None (not a shape we know) for one record."""
     if isinstance(record, list):
         return "chat"
     if isinstance(record, str):
         return "text"
     if not isinstance(record, dict):
         return None
+    if _first(record, m.chosen) and _first(record, m.rejected):
+        return "preference"
     if _first(record, m.messages):
         return "chat"
     if _first(record, m.instruction) or _first(record, m.output):

@@ -16,6 +16,9 @@ SUSPICIOUS = {
     "long_record": "records longer than render.long_record_chars",
     "ends_on_user_turn": "conversations ending on a user turn (kept as context, with no answer to learn)",
     "empty_document": "empty documents (plain text with nothing in it, dropped)",
+    "identical_answers": "preference pairs whose chosen and rejected answers are the same",
+    "prompts_differ": "preference pairs whose chosen and rejected transcripts disagree on the prompt (the chosen "
+                      "one's is used)",
 }
 
 

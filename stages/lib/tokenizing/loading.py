@@ -98,3 +98,16 @@ def _parts(parts: Any) -> str:
 def _is_lfs_pointer(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(len(_LFS_POINTER)) == _LFS_POINTER
+
+
+def tokenizer_facts(tokenizer_dir: Path, trust_remote_code: bool, meta: dict) -> tuple[int, dict]:
+    """The model's vocabulary size and the tokenizer's special token ids (the train and reference stages build the
+    same model from them)."""
+    if not Path(tokenizer_dir).is_dir():
+        raise UserError(f"{tokenizer_dir} not found: run the tokenizer stage first (dvc repro tokenizer)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    return max(len(tokenizer), meta["vocab_size"]), special
