@@ -7,9 +7,9 @@ and peak memory must stay flat (a piece, plus one document), however long the fi
 
 For each size it writes a `.txt.gz` of that many MB of text (single-newline lines, so under `text_split: paragraph`
 the whole file is one paragraph with no place to cut but line ends) into a temporary folder, then renders it in a
-fresh subprocess (so that peak memory does not mix) and reports the wall time, the peak RSS of that process (and of
-its worker processes, with --workers above 1) and the time relative to the first size. Other load on the machine
-changes wall time from one minute to the next: compare sizes from the same run.
+fresh subprocess (so that peak memory does not mix) and reports the wall time, the CPU time, the peak RSS of that
+process (and of its worker processes, with --workers above 1), and each relative to the first size. Other load on
+the machine changes wall time from one minute to the next (CPU time less so): compare sizes from the same run.
 """
 
 import argparse
@@ -48,14 +48,18 @@ def write_text_gz(path: Path, mb: int) -> int:
     return lines
 
 
-def render_once(data: Path, out: Path, workers: int, repo: Path) -> tuple[float, float, dict]:
-    """(seconds, peak RSS in MB of the render process and its workers, stats) of one render in a subprocess."""
+def render_once(data: Path, out: Path, workers: int, repo: Path) -> tuple[float, float, float, dict]:
+    """(seconds, CPU seconds, peak RSS in MB of the render process and its workers, stats) of one render in a
+    subprocess."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", RENDER, str(data), str(workers), str(out)], cwd=repo, check=True,
                    stdout=subprocess.DEVNULL)
     seconds = time.monotonic() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far (KB on Linux)
-    return seconds, peak, json.loads((out / "stats.json").read_text())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    peak = after.ru_maxrss / 1024  # the largest child so far (KB on Linux)
+    return seconds, cpu, peak, json.loads((out / "stats.json").read_text())
 
 
 def main() -> None:
@@ -69,18 +73,19 @@ def main() -> None:
         for mb in sorted(args.mb):  # ascending: RUSAGE_CHILDREN's peak is then this size's own
             data, out = Path(tmp, f"text-{mb}.txt.gz"), Path(tmp, "out")
             lines = write_text_gz(data, mb)
-            seconds, peak, stats = render_once(data, out, args.workers, args.repo.resolve())
+            seconds, cpu, peak, stats = render_once(data, out, args.workers, args.repo.resolve())
             size = (out / "records.jsonl").stat().st_size
-            rows.append((mb, seconds, peak, stats["records_written"], lines))
-            print(f"{mb:5d} MB ({data.stat().st_size / 1e6:.0f} MB gzip, {lines:,} lines): {seconds:7.2f} s, "
+            rows.append((mb, seconds, cpu, peak))
+            print(f"{mb:5d} MB ({data.stat().st_size / 1e6:.0f} MB gzip, {lines:,} lines): {seconds:7.2f} s "
+                  f"({cpu:.2f} CPU s), "
                   f"peak RSS {peak:7.0f} MB, {stats['records_written']} records, records.jsonl {size / 1e6:.0f} MB",
                   flush=True)
             data.unlink()
             (out / "records.jsonl").unlink()
-    first_mb, first_seconds = rows[0][0], rows[0][1]
-    for mb, seconds, peak, _, _ in rows[1:]:
-        print(f"{mb} MB / {first_mb} MB: {mb / first_mb:.0f}x the data, {seconds / first_seconds:.2f}x the time, "
-              f"{peak / rows[0][2]:.2f}x the peak RSS")
+    first_mb, first_seconds, first_cpu, first_peak = rows[0]
+    for mb, seconds, cpu, peak in rows[1:]:
+        print(f"{mb} MB / {first_mb} MB: {mb / first_mb:.0f}x the data, {seconds / first_seconds:.2f}x the time "
+              f"({cpu / first_cpu:.2f}x the CPU time), {peak / first_peak:.2f}x the peak RSS")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from conftest import unmarked
 from test_render import CHAT, CHATML_SEGMENTS, in_tmp, jsonl, run, texts, write  # noqa: F401
 
 from stages.lib.base.errors import UserError
@@ -23,7 +24,7 @@ QUESTION = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content"
 def test_a_json_file_holding_one_pretty_printed_conversation_is_one_record():
     write("raw/one.json", json.dumps({"messages": CHAT, "id": 7}, indent=2))
     records, stats = run("raw/one.json")
-    assert len(records) == 1 and records[0]["segments"] == CHATML_SEGMENTS
+    assert len(records) == 1 and unmarked(records[0]["segments"]) == CHATML_SEGMENTS
     assert records[0]["source"] == "raw/one.json" and stats["formats"] == {"raw/one.json": "chat"}
     assert stats["fields_dropped"] == {"id": {"count": 1, "first": ["raw/one.json"]}}
 
@@ -56,7 +57,7 @@ def test_dotted_field_paths_and_a_list_of_conversations_give_one_record_each():
     records, stats = run("raw", fields=fields)
     assert [r["source"] for r in records] == ["raw/a.jsonl:1[0]", "raw/a.jsonl:1[1]", "raw/a.jsonl:2[0]",
                                               "raw/b.json[0]", "raw/b.json[1]"]
-    assert records[0]["segments"] == CHATML_SEGMENTS and records[1]["segments"][1]["text"] == "5<|im_end|>"
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS and records[1]["segments"][1]["text"] == "5<|im_end|>"
     assert stats["formats"] == {"raw/a.jsonl": "chat", "raw/b.json": "chat"}
     assert stats["fields_dropped"]["id"]["first"] == ["raw/a.jsonl:1[0]", "raw/a.jsonl:1[1]", "raw/b.json[0]",
                                                       "raw/b.json[1]"]
@@ -82,7 +83,7 @@ def test_a_conversation_ending_on_a_user_turn_keeps_it_as_context_and_is_counted
     write("raw/c.jsonl", jsonl({"messages": CHAT}, {"messages": CHAT + [{"role": "user", "content": "thanks"}]}))
     records, stats = run("raw/c.jsonl")
     assert len(records) == 2 and stats["suspicious"] == {"ends_on_user_turn": {"count": 1, "first": ["raw/c.jsonl:2"]}}
-    last = records[1]["segments"]
+    last = unmarked(records[1]["segments"])
     assert not last[-1]["response"] and "thanks" in last[-1]["text"] and last[:-1] == CHATML_SEGMENTS[:-1]
     assert "1 conversations ending on a user turn" in capsys.readouterr().err
 
@@ -117,6 +118,16 @@ def test_a_line_longer_than_max_record_mb_is_a_bad_record_and_reading_goes_on(na
     assert texts(records) == ["one", "two\nthree"] and [r["source"] for r in records] == [f"{name}:1", f"{name}:5"]
     assert stats["skipped"][0]["line"] == 3
     assert texts(run(name)[0]) == ["one", long_line, "two\nthree"]
+
+
+def test_a_one_object_file_too_long_or_too_deep_is_one_bad_record():
+    write("raw/long.json", json.dumps({"text": "x" * 5000}, indent=2))
+    write("raw/deep.json", "{\n" + '"a": ' + "[" * 100_000 + "]" * 100_000 + "\n}")
+    write("raw/ok.jsonl", jsonl({"text": "ok"}))
+    records, stats = run("raw", max_record_mb=0.002, on_error="skip")
+    assert texts(records) == ["ok"] and [s["file"] for s in stats["skipped"]] == ["raw/deep.json", "raw/long.json"]
+    assert "nested deeper" in stats["skipped"][0]["problem"]
+    assert "an object longer than render.max_record_mb" in stats["skipped"][1]["problem"]
 
 
 def test_a_json_array_element_longer_than_max_record_mb_is_named():

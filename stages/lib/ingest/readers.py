@@ -315,7 +315,16 @@ def json_object_records(stream: IO[bytes], file: str, max_element: int = MAX_REC
     text = _ArrayText(stream, max_element)
     text.next_char()
     if not records_field:
-        value, end = _one_value(text)
+        too_long = f"an object longer than render.max_record_mb = {text.max_element / (1 << 20):.3g} MB"
+        try:
+            value, end = text.decode()
+        except (json.JSONDecodeError, RecursionError) as err:
+            if isinstance(err, json.JSONDecodeError) and len(text.text) - text.pos <= text.max_element:
+                raise NotOneObject from None
+            yield Location(file), RecordError(TOO_DEEP if isinstance(err, RecursionError) else too_long)
+            return
+        if end - text.pos > text.max_element:
+            value = RecordError(too_long)
         text.advance(end)
         if text.next_char():
             raise NotOneObject
