@@ -2,6 +2,10 @@
 fine-tune with AdamW and with bitsandbytes' 8-bit AdamW, a LoRA, and a LoRA on a 4-bit base (QLoRA, loaded as
 transformers and PEFT do), with stream and documents packing; and Llama-3.1-8B on a 15 GiB T4 from its config."""
 
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,6 +27,7 @@ LLAMA_3_1_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 
                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 8192}}
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # what `auto` adapts
+README = Path(__file__).resolve().parents[1] / "README.md"
 MODES = {  # mode -> the plan's settings
     "full": {},
     "full, 8-bit AdamW": {"optimizer": "adamw8bit"},
@@ -149,6 +154,8 @@ def test_llama_3_1_8b_qlora_fits_a_t4_and_what_does_not_fit_is_named(tmp_path, c
     out = capsys.readouterr().out
     assert "(LoRA r=16 on a 4-bit base (nf4), fp16, micro-batch 1 x 2048 tokens, activation checkpointing on)" in out
     assert ": fits" in out and "does NOT fit" not in out
+    shown = README.read_text().split("$ python -m stages.memory_plan --config pretrained/Llama-3.1-8B", 1)[1]
+    assert shown.split("```", 1)[0].splitlines()[1:] == out.splitlines()  # the README's example is what it prints
     memory_plan.main(["--config", str(tmp_path / "llama-3.1-8b"), "--gib", "15", "--lora-r", "16",
                       "--activation-checkpointing"])
     out = capsys.readouterr().out
@@ -175,3 +182,11 @@ def test_fsdp_leaves_the_root_whole_and_a_save_gathers_the_full_state_in_rank_0s
     assert memory.gather_short_message(shape, sharded.setup, 128 * GIB) is None
     qlora = Setup(1, 2048, precision="bf16", shards=4, lora_r=16, quantize="nf4")
     assert memory.gather_short_message(shape, qlora, 4 * GIB) is None  # the adapters alone
+
+
+def test_the_readmes_fit_table_is_what_the_plan_computes(capsys):
+    sys.modules.pop("fit_table", None)
+    runpy.run_path(str(README.parent / "bench" / "fit_table.py"), run_name="__main__")
+    table = capsys.readouterr().out.strip()
+    assert "| Llama-3.1-8B | 8.03B | no (needs" in table and "| Llama-3.1-8B | 8.03B | batch 4, checkpointing" in table
+    assert table in README.read_text()
