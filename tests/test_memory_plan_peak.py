@@ -1,6 +1,7 @@
 """The memory plan against the peak memory tensors really hold through two training steps of a tiny Llama: a full
-fine-tune with AdamW and with bitsandbytes' 8-bit AdamW, a LoRA, and a LoRA on a 4-bit base (QLoRA, loaded as
-transformers and PEFT do), with stream and documents packing; and Llama-3.1-8B on a 15 GiB T4 from its config."""
+fine-tune with AdamW and with bitsandbytes' 8-bit AdamW, a LoRA, a LoRA on a 4-bit base (QLoRA, loaded as
+transformers and PEFT do) and a LoRA with trained embeddings and head, with stream and documents packing; and
+Llama-3.1-8B on a 15 GiB T4 from its config."""
 
 import runpy
 import sys
@@ -33,6 +34,7 @@ MODES = {  # mode -> the plan's settings
     "full, 8-bit AdamW": {"optimizer": "adamw8bit"},
     "LoRA": {"lora_r": 8, "lora_dropout": True},
     "QLoRA": {"lora_r": 8, "lora_dropout": True, "quantize": "nf4"},
+    "LoRA, embeddings and head training": {"lora_r": 8, "lora_dropout": True, "train_embeddings": True},
 }
 
 
@@ -48,10 +50,12 @@ def tiny_model(mode: str, folder) -> torch.nn.Module:
                                  bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, device_map="cpu",
                                                      dtype=torch.float32, attn_implementation="sdpa")
-    if MODES[mode].get("quantize") == "nf4":  # PEFT's own way onto bitsandbytes' 4-bit layers
+    if MODES[mode].get("quantize") == "nf4" or MODES[mode].get("train_embeddings"):
+        # PEFT's own way: onto bitsandbytes' 4-bit layers; embeddings and head as trained copies (modules_to_save)
         from peft import LoraConfig, inject_adapter_in_model
-        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(LLAMA_LINEARS)),
-                                model)
+        trained_copies = ["embed_tokens", "lm_head"] if MODES[mode].get("train_embeddings") else None
+        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(LLAMA_LINEARS),
+                                           modules_to_save=trained_copies), model)
     elif MODES[mode].get("lora_r"):
         lora.add_adapters(model, LoraParams(r=8, dropout=0.1))
     return model.train()
