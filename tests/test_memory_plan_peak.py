@@ -1,6 +1,11 @@
 """The memory plan against the peak memory tensors really hold through two training steps of a tiny Llama: a full
-fine-tune with AdamW and with bitsandbytes' 8-bit AdamW, a LoRA, and a LoRA on a 4-bit base (QLoRA, loaded as
-transformers and PEFT do), with stream and documents packing; and Llama-3.1-8B on a 15 GiB T4 from its config."""
+fine-tune with AdamW and with bitsandbytes' 8-bit AdamW, a LoRA, a LoRA on a 4-bit base (QLoRA, loaded as
+transformers and PEFT do) and a LoRA with trained embeddings and head, with stream and documents packing; and
+Llama-3.1-8B on a 15 GiB T4 from its config."""
+
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ from stages.lib.modeling import lora, memory
 from stages.lib.modeling.loss import LossModule
 from stages.lib.modeling.memory import GIB, Setup, model_shape, plan_memory, settings_that_fit
 
-TINY_LLAMA = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
+TINY_LLAMA = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
               "tie_word_embeddings": False}
 LLAMA_3_1_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -23,11 +28,13 @@ LLAMA_3_1_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 
                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 8192}}
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # what `auto` adapts
+README = Path(__file__).resolve().parents[1] / "README.md"
 MODES = {  # mode -> the plan's settings
     "full": {},
     "full, 8-bit AdamW": {"optimizer": "adamw8bit"},
     "LoRA": {"lora_r": 8, "lora_dropout": True},
     "QLoRA": {"lora_r": 8, "lora_dropout": True, "quantize": "nf4"},
+    "LoRA, embeddings and head training": {"lora_r": 8, "lora_dropout": True, "train_embeddings": True},
 }
 
 
@@ -43,10 +50,12 @@ def tiny_model(mode: str, folder) -> torch.nn.Module:
                                  bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, device_map="cpu",
                                                      dtype=torch.float32, attn_implementation="sdpa")
-    if MODES[mode].get("quantize") == "nf4":  # PEFT's own way onto bitsandbytes' 4-bit layers
+    if MODES[mode].get("quantize") == "nf4" or MODES[mode].get("train_embeddings"):
+        # PEFT's own way: onto bitsandbytes' 4-bit layers; embeddings and head as trained copies (modules_to_save)
         from peft import LoraConfig, inject_adapter_in_model
-        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(LLAMA_LINEARS)),
-                                model)
+        trained_copies = ["embed_tokens", "lm_head"] if MODES[mode].get("train_embeddings") else None
+        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(LLAMA_LINEARS),
+                                           modules_to_save=trained_copies), model)
     elif MODES[mode].get("lora_r"):
         lora.add_adapters(model, LoraParams(r=8, dropout=0.1))
     return model.train()
@@ -92,8 +101,7 @@ def peak_of_two_steps(model: torch.nn.Module, mode: str, batch: int, seq_len: in
     return held_bytes(model) + peak
 
 
-@pytest.mark.parametrize("batch, seq_len", [(2, 512), (1, 2048)])
-@pytest.mark.parametrize("packing", ["stream", "documents"])
+@pytest.mark.parametrize("packing, batch, seq_len", [("stream", 2, 512), ("documents", 1, 2048)])
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_the_plan_is_within_15_percent_of_the_peak_tensors_hold(mode, packing, batch, seq_len, tmp_path):
     model = tiny_model(mode, tmp_path / "base")
@@ -149,6 +157,8 @@ def test_llama_3_1_8b_qlora_fits_a_t4_and_what_does_not_fit_is_named(tmp_path, c
     out = capsys.readouterr().out
     assert "(LoRA r=16 on a 4-bit base (nf4), fp16, micro-batch 1 x 2048 tokens, activation checkpointing on)" in out
     assert ": fits" in out and "does NOT fit" not in out
+    shown = README.read_text().split("$ python -m stages.memory_plan --config pretrained/Llama-3.1-8B", 1)[1]
+    assert shown.split("```", 1)[0].splitlines()[1:] == out.splitlines()  # the README's example is what it prints
     memory_plan.main(["--config", str(tmp_path / "llama-3.1-8b"), "--gib", "15", "--lora-r", "16",
                       "--activation-checkpointing"])
     out = capsys.readouterr().out
@@ -175,3 +185,11 @@ def test_fsdp_leaves_the_root_whole_and_a_save_gathers_the_full_state_in_rank_0s
     assert memory.gather_short_message(shape, sharded.setup, 128 * GIB) is None
     qlora = Setup(1, 2048, precision="bf16", shards=4, lora_r=16, quantize="nf4")
     assert memory.gather_short_message(shape, qlora, 4 * GIB) is None  # the adapters alone
+
+
+def test_the_readmes_fit_table_is_what_the_plan_computes(capsys):
+    sys.modules.pop("fit_table", None)
+    runpy.run_path(str(README.parent / "bench" / "fit_table.py"), run_name="__main__")
+    table = capsys.readouterr().out.strip()
+    assert "| Llama-3.1-8B | 8.03B | no (needs" in table and "| Llama-3.1-8B | 8.03B | batch 4, checkpointing" in table
+    assert table in README.read_text()

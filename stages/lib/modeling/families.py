@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrain
 
 from stages.lib.base.errors import UserError
 from stages.lib.base.params import ModelParams, TrainParams
-from stages.lib.modeling.model_folders import check_model_folder
+from stages.lib.modeling.model_folders import check_model_folder, tensor_names_in_files
 
 # Model families whose logits are exactly `lm_head(last hidden state)`, an nn.Linear (Phi's has a bias; no scaling
 # or soft-capping), so the chunked loss computes the same thing as their own forward. Others fall back to the
@@ -82,6 +82,7 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
     `load_options`: more arguments of from_pretrained, such as a 4-bit base's (stages/lib/modeling/lora.py).
     """
     check_model_folder(folder)
+    check_base_tensors(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **load_options)
     except Exception as err:  # transformers raises many kinds (bad config, missing or damaged weights, unknown type)
@@ -98,6 +99,41 @@ def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
         model.resize_token_embeddings(vocab_size)
     model.config.use_cache = False
     return model
+
+
+def check_base_tensors(folder: str) -> None:
+    """A UserError unless the base's files hold every tensor its model expects and none it does not know, read from
+    the safetensors headers (transformers would fill a missing tensor with new random values and go on). A tensor
+    tied to another (the head to the embeddings) is not missing; a folder already quantized, or whose weights are
+    not in safetensors, is left to transformers."""
+    import re
+    config = AutoConfig.from_pretrained(folder)
+    found = tensor_names_in_files(folder)
+    if found is None or getattr(config, "quantization_config", None):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = set(model.state_dict())
+    prefix = model.base_model_prefix
+    found |= {f"{prefix}.{name}" for name in found if f"{prefix}.{name}" in expected}  # a base model's own names
+    tied = [group for group in tied_names(model) if set(group) & found]
+    missing = sorted(expected - found - {name for group in tied for name in group})
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    known = expected | {name for name, _ in model.named_buffers()}  # old files hold buffers such as inv_freq
+    unexpected = sorted(name for name in found if name not in known and f"{prefix}.{name}" not in known
+                        and not any(p.search(name) for p in ignored))
+    if len(missing) > len(expected) // 2:
+        return  # another naming scheme (an older checkpoint transformers converts as it loads): its own report
+    if missing or unexpected:
+        what = [f"missing {len(missing)}: {_listed(missing)}"] if missing else []
+        what += [f"unexpected {len(unexpected)}: {_listed(unexpected)}"] if unexpected else []
+        raise UserError(f"train.init_from = {folder!r}: its weight files do not hold the tensors a "
+                        f"{type(model).__name__} of its config.json has ({'; '.join(what)}). transformers would "
+                        "fill missing ones with random values; download or export the base again, whole")
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def pick_document_attention(model: PreTrainedModel, device: torch.device, autocast_dtype: torch.dtype | None) -> str:
