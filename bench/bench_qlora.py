@@ -8,7 +8,8 @@ through the train stage, their tokens/s and the peak memory they print.
 
 As bench/bench_lora.py (whose helpers it uses): peak memory is measured in a fresh process per way, the most memory
 tensors held at once while the model and optimizer are built as the train stage builds them (the 4-bit base
-quantized as it loads) and two optimizer steps run (the profiler's allocation events on a CPU,
+quantized as it loads, which may be the peak) and two optimizer steps run; also what is held once built and the
+most held during the steps (the profiler's allocation events on a CPU,
 torch.cuda.max_memory_allocated on a GPU). Step times: the four sessions live in one process and their steps
 alternate, so a change in the machine's load slows all alike; medians are reported. Cache per session: the bytes of
 the checkpoint each saves and of its exports.
@@ -91,18 +92,42 @@ def measure(case: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             session = build_session(root, case, case["way"])
+            held, built = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             for step in range(2):
                 session.step(step)
-            peak = torch.cuda.max_memory_allocated()
+            in_steps = torch.cuda.max_memory_allocated()
+            peak = max(built, in_steps)
         else:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                         profile_memory=True) as profiler:
                 session = build_session(root, case, case["way"])
+                torch.empty(MARK, dtype=torch.uint8)  # where building ends, in the allocation events
                 for step in range(2):
                     session.step(step)
             peak = _peak_allocated(profiler)
-        return {"allocated": peak, "parameters": sum(p.numel() for p in session.model.parameters()),
+            held, in_steps = _held_and_peak_after_mark(profiler)
+        return {"allocated": peak, "held_after_build": held, "peak_in_steps": in_steps,
+                "parameters": sum(p.numel() for p in session.model.parameters()),
                 "trained": sum(p.numel() for p in session.model.parameters() if p.requires_grad)}
+
+
+MARK = 12_345_679  # bytes of a marker allocation: a size nothing else allocates
+
+
+def _held_and_peak_after_mark(profiler) -> tuple[int, int]:
+    """Bytes held when the marker was allocated (the model and optimizer built: what the session keeps), and the
+    most held at once after it (during the steps); the peak over everything may be the load's."""
+    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held, mark, peak = 0, None, 0
+    for event in events:
+        if mark is None and event.nbytes() == MARK:
+            mark = held
+        held += event.nbytes()
+        if mark is not None:
+            peak = max(peak, held)
+    return mark, peak
 
 
 def in_fresh_process(case: dict) -> dict:
@@ -197,7 +222,9 @@ def main() -> None:
         m, cache = peaks[way], result["cache"][way]
         stored = ", ".join(f"{part} {memory.size(n)}" for part, n in cache.items())
         print(f"{way:>14}: {m['trained']:,} of {m['parameters']:,} parameters train; peak "
-              f"{memory.size(m['allocated'])} ({m['allocated'] / peaks['full adamw']['allocated']:.2f}x); "
+              f"{memory.size(m['allocated'])} ({m['allocated'] / peaks['full adamw']['allocated']:.2f}x), "
+              f"{memory.size(m['held_after_build'])} held once built, {memory.size(m['peak_in_steps'])} "
+              f"({m['peak_in_steps'] / peaks['full adamw']['peak_in_steps']:.2f}x) at most in the steps; "
               f"{result['seconds_per_step'][way]:.2f} s/step; a session saves {stored}")
     print(f"in {time.monotonic() - started:.0f} s")
     print(json.dumps(result))
