@@ -262,6 +262,26 @@ def test_a_failure_on_rank_1_mid_step_stops_rank_0_at_once_and_rank_0_shows_it_o
     assert [step for step, _ in read_tsv(root, "train/loss")] == [1, 2]  # rank 0 never finished step 3
 
 
+FLASH_PICKED = """
+import stages.lib.training.trainer as trainer
+from stages.train import main
+
+trainer.pick_document_attention = lambda model, device, dtype: "flash_attention_2"  # as on a GPU with flash-attn
+main()
+"""
+
+
+def test_under_fsdp_the_documents_probe_after_the_switch_to_flash_attention_runs_on_the_sharded_model(tmp_path):
+    root = make_workspace(tmp_path, prompts=True)
+    write_params(root, **{**TWO_PROCESSES, "total_step_budget": 2, "strategy": "fsdp"})
+    (root / "flash.py").write_text(FLASH_PICKED)
+    done = subprocess.run([*TORCHRUN[:-2], "flash.py"], cwd=root, env=stage_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("variable-length kernel, checked on the device to keep them apart") == 1
+    assert "2 processes (fsdp, gloo)" in done.stdout and checkpoint_step(root) == 2
+
+
 def test_a_global_batch_other_processes_cannot_keep_is_an_error_naming_settings_that_would():
     assert fit_global_batch(8, batch_size=4, world_size=1) == 2
     assert fit_global_batch(8, batch_size=2, world_size=2) == 2
