@@ -16,8 +16,15 @@
 # 5. QLoRA: one QLoRA session (train.lora.quantize: nf4, r=16) and one LoRA session of a ~1B Llama (Llama-3.2-1B's
 #    shape, random weights saved in bf16) through the train stage: tokens/s of each, their memory plans and the
 #    peaks they print; then full fine-tune (AdamW, 8-bit AdamW), LoRA and QLoRA side by side on Qwen2-0.5B's config.
+# 6. several processes: with 2 GPUs or more, sessions of one run on 2 processes with nccl (ddp, then fsdp resuming
+#    it), then a real CUDA out-of-memory on process 1 in the middle of a step (bench/fail_on_rank_1.py), which must
+#    stop both processes within seconds, its message shown once by rank 0; with one GPU, the same failure simulated
+#    (torch.OutOfMemoryError raised on process 1) in 2 CPU processes with gloo;
+# 7. packed documents with flash-attention: a bf16 session with train.packing: documents; where the flash-attn package
+#    is installed, the documents probe runs again after the switch to its variable-length kernel, on the GPU.
 # Each part's output is in OUTPUT_FOLDER/<part>.log; a failing part does not stop the others. PARTS (names below:
-# bench, sessions, memory, lora, qlora) runs some of them; SESSION_STEPS sets the sessions' steps_today (default 300).
+# bench, sessions, memory, lora, qlora, processes, documents) runs some of them; SESSION_STEPS sets the sessions'
+# steps_today (default 300).
 set -u
 STEPS=${SESSION_STEPS:-300}
 wanted() { [[ -z "${PARTS:-}" || " $PARTS " == *" $1 "* ]]; }
@@ -61,17 +68,25 @@ for item in sys.argv[1:]:
 yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
 EOF
 }
-sessions() {
+prepared() {  # prepared FOLDER: a committed copy of the project in FOLDER with the sample data tokenized
     cd "$1" && git init -q && git add -A && git -c user.email=check@localhost -c user.name=check commit -qm run &&
-    python -m stages.render && python -m stages.tokenizer && python -m stages.tokenize &&
+    python -m stages.render && python -m stages.tokenizer && python -m stages.tokenize
+}
+copy_project() {  # a fresh temporary copy of the project's files; prints its path
+    local run
+    run=$(mktemp -d)
+    git ls-files -z | xargs -0 -I{} cp --parents {} "$run"/
+    echo "$run"
+}
+sessions() {
+    prepared "$1" &&
     set_train precision=fp16 steps_today="$STEPS" && python -m stages.train && cat checkpoints/step-*/scaler.json &&
     set_train precision=bf16 steps_today="$STEPS" && python -m stages.train &&
     set_train precision=auto steps_today="$STEPS" devices=auto && python -m stages.train &&
     python -m stages.evaluate && cat outputs/eval/metrics.json
 }
 if wanted sessions; then
-    RUN=$(mktemp -d)
-    git ls-files -z | xargs -0 -I{} cp --parents {} "$RUN"/
+    RUN=$(copy_project)
     (sessions "$RUN") >"$OUTPUT/sessions.log" 2>&1
     echo "== sessions: exit $?"
     grep -E "memory plan|peak about|session plan|fp16 loss scaling|resuming from|trains steps|exported|peak GPU" \
@@ -96,5 +111,52 @@ wanted qlora && part qlora-vs-lora-sessions python bench/bench_qlora.py --size l
     --steps 20 --batch-size 4 --seq-len 1024 --activation-checkpointing
 wanted qlora && part qlora-lora-full python bench/bench_qlora.py --size qwen2-0.5b --device cuda --batch-size 8 \
     --seq-len 1024 --rounds 5
+
+# 6. Several processes: nccl sessions (ddp, then fsdp resuming them) and a failure on process 1 that stops both.
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+fails_on_rank_1() {  # fails_on_rank_1 FAULT: a long session on 2 processes whose process 1 fails mid-step
+    set_train steps_today=100000 save_every=100000 eval_every=100000 total_step_budget=100000 || return 1
+    local began=$SECONDS
+    FAULT=$1 PYTHONPATH="$PWD" timeout 300 python -m torch.distributed.run --standalone --nproc-per-node=2 \
+        "$PWD/bench/fail_on_rank_1.py"
+    echo "torchrun exit $? after $((SECONDS - began)) s (a failure not passed on: the 300 s timeout, exit 124)"
+    python -c "import time; print(f'stopped {time.monotonic() - float(open(\"failed-at\").read()):.1f} s after' +
+                                   ' the failure')"
+}
+processes() {
+    prepared "$1" || return 1
+    if [[ $GPUS -ge 2 ]]; then
+        set_train devices=2 strategy=ddp precision=auto steps_today="$STEPS" && python -m stages.train &&
+        set_train strategy=fsdp && python -m stages.train &&
+        cat checkpoints/step-*/state.json && ls checkpoints/step-*/ &&
+        fails_on_rank_1 real-out-of-memory
+    else
+        echo "one GPU: the failure on process 1 is simulated (torch.OutOfMemoryError raised) in 2 CPU processes, gloo"
+        set_train device=cpu devices=2 strategy=ddp precision=fp32 && fails_on_rank_1 out-of-memory
+    fi
+}
+if wanted processes; then
+    RUN=$(copy_project)
+    (processes "$RUN") >"$OUTPUT/processes.log" 2>&1
+    echo "== processes ($GPUS GPUs): exit $?"
+    grep -E "processes \(|resuming from|error \(on process|ran out of memory|torchrun exit|stopped .* after|^error" \
+        "$OUTPUT/processes.log" | sed 's/^/   | /'
+    rm -rf "$RUN"
+fi
+
+# 7. Packed documents in bf16: with flash-attn installed, the probe again after the switch to its kernel, on the GPU.
+documents() {
+    prepared "$1" &&
+    python -c "from transformers.utils import is_flash_attn_2_available as a; print('flash-attn available:', a())" &&
+    set_train packing=documents precision=bf16 steps_today=20 && python -m stages.train
+}
+if wanted documents; then
+    RUN=$(copy_project)
+    (documents "$RUN") >"$OUTPUT/documents.log" 2>&1
+    echo "== documents: exit $?"
+    grep -E "flash-attn available|packed documents|packing: documents|attended to each other|^error" \
+        "$OUTPUT/documents.log" | sed 's/^/   | /'
+    rm -rf "$RUN"
+fi
 
 echo "outputs in $OUTPUT"

@@ -61,3 +61,33 @@ def test_a_model_that_would_let_packed_documents_see_each_other_is_refused(tmp_p
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(UserError, match="ignores the position ids that keep packed documents apart"):
         session(root)
+
+
+def flash_attention_picked(leaks: bool):
+    """pick_document_attention as it goes on a GPU with flash-attn: the session believes the variable-length kernel
+    is picked (the attention here stays sdpa, the only one a CPU has) and, with `leaks`, the attention from then on
+    lets packed documents see each other, as a broken kernel would."""
+    import transformers.masking_utils as masking
+
+    def pick(model, device, autocast_dtype):
+        if leaks:
+            masking.find_packed_sequence_indices = lambda position_ids: None  # restored by the test's monkeypatch
+        return "flash_attention_2"
+    return pick
+
+
+@pytest.mark.parametrize("leaks", [False, True])
+def test_the_documents_probe_runs_again_after_the_switch_to_flash_attention(tmp_path, monkeypatch, capsys, leaks):
+    import transformers.masking_utils as masking
+
+    from stages.lib.training import trainer
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", masking.find_packed_sequence_indices)
+    monkeypatch.setattr(trainer, "pick_document_attention", flash_attention_picked(leaks))
+    root = make_workspace(tmp_path, prompts=True)
+    if leaks:
+        with pytest.raises(UserError, match="with flash-attention .* the packed documents of a probe attended to each"):
+            session(root, total_step_budget=2)
+        assert not (root / "checkpoints").exists()
+    else:
+        assert session(root, total_step_budget=2).end_step == 2
+        assert "variable-length kernel, checked on the device to keep them apart" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from stages.lib.distributed.world import World
 from stages.lib.modeling.families import tied_names, transformer_blocks
 from stages.lib.modeling.loss import LossModule
 from stages.lib.modeling.preference_loss import PreferenceLossModule
+from stages.lib.tokenizing.batches import IGNORE_INDEX
 
 
 @dataclass
@@ -36,6 +37,21 @@ class ParallelModel:
         if self.strategy == "ddp" and not last_micro_step:
             return self.forward.no_sync()
         return contextlib.nullcontext()
+
+    def hidden_states(self, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's last hidden states for `inputs`, every process at once. Under FSDP they are read on the way
+        through the root unit, whose forward gathers the shards (and must run before any block's)."""
+        trunk = self.model.base_model
+        if self.strategy != "fsdp":
+            return trunk(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
+        seen = []
+        hook = trunk.register_forward_hook(lambda module, args, output: seen.append(output.last_hidden_state))
+        try:
+            self.module(inputs, torch.full_like(inputs, IGNORE_INDEX), positions)  # no target: the loss is 0
+        finally:
+            hook.remove()
+            self.module.reshard()  # the root keeps its gathered weights after a forward: the optimizer wants shards
+        return seen[0]
 
 
 def parallel_model(model: torch.nn.Module, world: World, strategy: str, compile: bool = False,

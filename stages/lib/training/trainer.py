@@ -238,16 +238,19 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     if train.lora.r:
         lora.add_adapters(model, train.lora)
     model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
+    attention = None
     if decision.plan.values["packing"] == "documents":
         if not keeps_documents_apart(model):
             raise UserError(f"train.packing = documents, but this {type(model).__name__} ignores the position ids "
                             "that keep packed documents apart, so they would attend to each other; set "
                             "train.packing: stream")
-        pick_document_attention(model, world.device, precision.autocast_dtype)
+        attention = pick_document_attention(model, world.device, precision.autocast_dtype)
     if train.activation_checkpointing:
         checkpoint_activations(model)
     preference = (train.objective, train.beta) if train.objective != "sft" else None
     parallel = parallel_model(model, world, train.strategy, train.compile, preference)
+    if attention == "flash_attention_2":
+        check_flash_keeps_documents_apart(parallel, world, precision)
     scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
     trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler,
                            adapters=bool(train.lora.r))
@@ -256,6 +259,21 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     if decision.resume is not None:
         ckpt.restore(decision.resume, trainee)
     return trainee
+
+
+def check_flash_keeps_documents_apart(parallel, world: World, precision: Precision) -> None:
+    """The documents probe again, once flash-attention's variable-length kernel is picked: it runs only on the GPU
+    and in 16 bits, which the probe before the switch (on the CPU, in the model's dtype) cannot reach."""
+    with precision.autocast():
+        apart = keeps_documents_apart(parallel.model, world.device, parallel.hidden_states)
+    if world.max([float(not apart)])[0]:
+        import transformers
+        raise UserError(f"train.packing = documents: with flash-attention (transformers {transformers.__version__}) "
+                        "the packed documents of a probe attended to each other on this GPU. Uninstall the flash-attn "
+                        "package (scaled-dot-product attention keeps them apart, more slowly) or set "
+                        "train.packing: stream")
+    if world.is_main:
+        print("packed documents: flash-attention's variable-length kernel, checked on the device to keep them apart")
 
 
 def _seed_everything(seed: int) -> None:
