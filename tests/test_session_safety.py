@@ -104,6 +104,7 @@ def test_a_kill_between_the_train_stages_end_and_dvcs_commit_then_dvc_exp_run_th
     run(machine, "git", "pull", "-q")
     run(machine, "dvc", "pull", "-q")
     assert checkpoint_step(machine) == (step := checkpoint_step(world["b"]))
+    set_params(machine, {"train": {"steps_today": 3, "minutes_today": 0}})  # as the daily command writes them
     # The train stage as DVC runs it (DVC_STAGE set), which DVC never commits: as if killed while hashing.
     env = {**command_env(), "DVC_STAGE": "train", "DVC_ROOT": str(machine)}
     done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=machine, env=env, capture_output=True,
@@ -128,4 +129,4 @@ def test_a_dvc_exp_run_temp_killed_mid_session_resumes_from_its_last_checkpoint(
     killed.wait()
     last = max(int(name.removeprefix("step-")) for name in saved())
     out = run(machine, "dvc", "exp", "run", "--temp", "-S", "train.steps_today=1")
-    assert f"resuming from step {last}" in out or f"resuming from step {last + 2}" in out, out
+    assert f"resuming from step {last}" in out, out
