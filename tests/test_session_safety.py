@@ -86,15 +86,18 @@ def test_a_session_given_minutes_ends_pushed_and_committed_within_them(world):
     assert day.returncode == 0, out
     assert took < 90, f"the command took {took:.0f} s of its 90:\n{out}"
     assert "resuming from step 3" in out and "this command ends by" in out
-    # The evaluate stage (slow here, never measured) got what was left, and was stopped in time.
-    assert "evaluate stopped: it did not finish in the" in out, out
+    # The evaluate stage, slow here, got the time it needs by A's measure: stopped when that was too short, skipped
+    # when even that was more than half the time left (a loaded machine).
+    stopped = "evaluate stopped: it did not finish in the" in out
+    assert stopped or "evaluate skipped today: it needs about" in out, out
     step = checkpoint_step(world["b"])
     assert step > 3
     titles = run(world["remote"], "git", "log", "--format=%s", "main").splitlines()
-    assert titles[1].startswith(f"Session 2: steps 3 -> {step} of 100000"), titles
-    assert titles[0].startswith("Session 2: evaluate stopped after"), titles
+    assert titles[int(stopped)].startswith(f"Session 2: steps 3 -> {step} of 100000"), titles
     log = [json.loads(line) for line in (world["b"] / "outputs/sessions.jsonl").read_text().splitlines()]
-    assert log[-1]["evaluate"]["finished"] is False and log[-1]["dvc_commit"]["seconds"] > 0
+    assert log[-1]["dvc_commit"]["seconds"] > 0
+    if stopped:
+        assert titles[0].startswith("Session 2: evaluate stopped after") and log[-1]["evaluate"]["finished"] is False
     assert "checkpoints" not in run(world["b"], "dvc", "status", "--cloud")  # the checkpoint is on the DVC remote
     assert run(world["b"], "git", "status", "--porcelain") == ""
 
