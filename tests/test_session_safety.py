@@ -86,14 +86,15 @@ def test_a_session_given_minutes_ends_pushed_and_committed_within_them(world):
     assert day.returncode == 0, out
     assert took < 90, f"the command took {took:.0f} s of its 90:\n{out}"
     assert "resuming from step 3" in out and "this command ends by" in out
-    # The evaluate stage, slow here, got the time it needs by A's measure: stopped when that was too short, skipped
-    # when even that was more than half the time left (a loaded machine).
+    # The evaluate stage got the time it needs by A's measure: stopped when that was too short, skipped when even
+    # that was more than half the time left (a loaded machine), committed when it finished in time.
     stopped = "evaluate stopped: it did not finish in the" in out
-    assert stopped or "evaluate skipped today: it needs about" in out, out
+    evaluated = "Session 2: evaluated the model at step" in out
+    assert stopped or evaluated or "evaluate skipped today: it needs about" in out, out
     step = checkpoint_step(world["b"])
     assert step > 3
     titles = run(world["remote"], "git", "log", "--format=%s", "main").splitlines()
-    assert titles[int(stopped)].startswith(f"Session 2: steps 3 -> {step} of 100000"), titles
+    assert titles[int(stopped or evaluated)].startswith(f"Session 2: steps 3 -> {step} of 100000"), titles
     log = [json.loads(line) for line in (world["b"] / "outputs/sessions.jsonl").read_text().splitlines()]
     assert log[-1]["dvc_commit"]["seconds"] > 0
     if stopped:
