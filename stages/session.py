@@ -342,11 +342,12 @@ class Day:
         lower bound that later sessions keep back, or skip evaluate for)."""
         print(f"evaluate stopped: it did not finish in the {duration(left)} left. Its last results stay as they "
               "were; run it later: dvc repro evaluate")
-        # DVC removed its outputs before running it, and it may have written some of them.
-        ws.sh("dvc", "checkout", "-q", "--force", "evaluate", quiet=True)
-        changed = (ws.output_of("git", "ls-files", "--modified", "--", *outputs) or "").split()
+        # DVC removed its outputs before running it, the stage may have written some, and DVC may even have
+        # recorded them as the interrupt came: back to the committed dvc.lock, metrics and outputs.
+        changed = (ws.output_of("git", "ls-files", "--modified", "--", "dvc.lock", *outputs) or "").split()
         if changed:
-            ws.sh("git", "checkout", "--", *changed, quiet=True)  # the metrics git keeps
+            ws.sh("git", "checkout", "--", *changed, quiet=True)
+        ws.sh("dvc", "checkout", "-q", "--force", "evaluate", quiet=True)
         if self.number is not None:
             ws.update_last_session(self.log, {"evaluate": {"seconds": seconds, "finished": False}})
             if self._commit_changes(f"Session {self.number}: evaluate stopped after {duration(seconds)}, out of time",

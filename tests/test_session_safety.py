@@ -86,15 +86,19 @@ def test_a_session_given_minutes_ends_pushed_and_committed_within_them(world):
     assert day.returncode == 0, out
     assert took < 90, f"the command took {took:.0f} s of its 90:\n{out}"
     assert "resuming from step 3" in out and "this command ends by" in out
-    # The evaluate stage (slow here, never measured) got what was left, and was stopped in time.
-    assert "evaluate stopped: it did not finish in the" in out, out
+    # The evaluate stage got the time it needs by A's measure: stopped when that was too short, skipped when even
+    # that was more than half the time left (a loaded machine), committed when it finished in time.
+    stopped = "evaluate stopped: it did not finish in the" in out
+    evaluated = "Session 2: evaluated the model at step" in out
+    assert stopped or evaluated or "evaluate skipped today: it needs about" in out, out
     step = checkpoint_step(world["b"])
     assert step > 3
     titles = run(world["remote"], "git", "log", "--format=%s", "main").splitlines()
-    assert titles[1].startswith(f"Session 2: steps 3 -> {step} of 100000"), titles
-    assert titles[0].startswith("Session 2: evaluate stopped after"), titles
+    assert titles[int(stopped or evaluated)].startswith(f"Session 2: steps 3 -> {step} of 100000"), titles
     log = [json.loads(line) for line in (world["b"] / "outputs/sessions.jsonl").read_text().splitlines()]
-    assert log[-1]["evaluate"]["finished"] is False and log[-1]["dvc_commit"]["seconds"] > 0
+    assert log[-1]["dvc_commit"]["seconds"] > 0
+    if stopped:
+        assert titles[0].startswith("Session 2: evaluate stopped after") and log[-1]["evaluate"]["finished"] is False
     assert "checkpoints" not in run(world["b"], "dvc", "status", "--cloud")  # the checkpoint is on the DVC remote
     assert run(world["b"], "git", "status", "--porcelain") == ""
 
@@ -104,6 +108,7 @@ def test_a_kill_between_the_train_stages_end_and_dvcs_commit_then_dvc_exp_run_th
     run(machine, "git", "pull", "-q")
     run(machine, "dvc", "pull", "-q")
     assert checkpoint_step(machine) == (step := checkpoint_step(world["b"]))
+    set_params(machine, {"train": {"steps_today": 3, "minutes_today": 0}})  # as the daily command writes them
     # The train stage as DVC runs it (DVC_STAGE set), which DVC never commits: as if killed while hashing.
     env = {**command_env(), "DVC_STAGE": "train", "DVC_ROOT": str(machine)}
     done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=machine, env=env, capture_output=True,
@@ -128,4 +133,4 @@ def test_a_dvc_exp_run_temp_killed_mid_session_resumes_from_its_last_checkpoint(
     killed.wait()
     last = max(int(name.removeprefix("step-")) for name in saved())
     out = run(machine, "dvc", "exp", "run", "--temp", "-S", "train.steps_today=1")
-    assert f"resuming from step {last}" in out or f"resuming from step {last + 2}" in out, out
+    assert f"resuming from step {last}" in out, out
