@@ -107,7 +107,8 @@ class Session:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.val = validation_batches(val_samples, train.batch_size, train.eval_batches) if val_samples else []
-        self.tokens_per_step = batches.samples_per_step * train.seq_len
+        # A preference sample is a pair: two rows (chosen, rejected) of seq_len tokens.
+        self.tokens_per_step = batches.samples_per_step * train.seq_len * (1 if train.objective == "sft" else 2)
         self.stored = stored_bytes(self.model, train.export)  # (checkpoint, export) bytes this session writes
         self.timer = SessionTimer(started + train.minutes_today * 60 if train.minutes_today else math.inf,
                                   self._closing_guesses())
