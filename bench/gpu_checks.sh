@@ -12,9 +12,12 @@
 #    activation checkpointing, in bf16 and fp16;
 # 4. LoRA: one LoRA session (r=16) of a ~0.5B model (Qwen2-0.5B's config, random weights saved in bf16) through the
 #    train stage, its memory plan next to the torch.cuda.max_memory_allocated it prints after 5 steps; then LoRA
-#    against a full fine-tune of the same model: peak memory, step time (interleaved), checkpoint and export sizes.
+#    against a full fine-tune of the same model: peak memory, step time (interleaved), checkpoint and export sizes;
+# 5. QLoRA: one QLoRA session (train.lora.quantize: nf4, r=16) and one LoRA session of a ~1B Llama (Llama-3.2-1B's
+#    shape, random weights saved in bf16) through the train stage: tokens/s of each, their memory plans and the
+#    peaks they print; then full fine-tune (AdamW, 8-bit AdamW), LoRA and QLoRA side by side on Qwen2-0.5B's config.
 # Each part's output is in OUTPUT_FOLDER/<part>.log; a failing part does not stop the others. PARTS (names below:
-# bench, sessions, memory, lora) runs some of them; SESSION_STEPS sets the sessions' steps_today (default 300).
+# bench, sessions, memory, lora, qlora) runs some of them; SESSION_STEPS sets the sessions' steps_today (default 300).
 set -u
 STEPS=${SESSION_STEPS:-300}
 wanted() { [[ -z "${PARTS:-}" || " $PARTS " == *" $1 "* ]]; }
@@ -86,6 +89,12 @@ wanted memory && part memory-fp16 python bench/bench_memory.py --device cuda --p
 wanted lora && part lora-session python bench/bench_lora.py --size qwen2-0.5b --device cuda --session --steps 20 \
     --batch-size 8 --seq-len 1024
 wanted lora && part lora-vs-full python bench/bench_lora.py --size qwen2-0.5b --device cuda --batch-size 8 \
+    --seq-len 1024 --rounds 5
+
+# 5. QLoRA (the frozen base in 4 bits through bitsandbytes, fp32 adapters) against LoRA, and the four ways to fit.
+wanted qlora && part qlora-vs-lora-sessions python bench/bench_qlora.py --size llama-1b --device cuda --session \
+    --steps 20 --batch-size 4 --seq-len 1024 --activation-checkpointing
+wanted qlora && part qlora-lora-full python bench/bench_qlora.py --size qwen2-0.5b --device cuda --batch-size 8 \
     --seq-len 1024 --rounds 5
 
 echo "outputs in $OUTPUT"

@@ -61,9 +61,9 @@ def main() -> None:
         raise UserError(f"{model_dir} not found: run the train stage first (dvc repro train), which exports the "
                         f"model there (train.model_name = {params.train.model_name!r})")
     model, tokenizer = load_model(model_dir, params.tokenizer.trust_remote_code, params.train.device)
-    packing = packing_for(read_meta(TOKENS_DIR), params.train.packing)
-    val_samples = split_samples(TOKENS_DIR, "val", params.train.seq_len, packing, seed=None, required=False,
-                                max_tokens=p.max_val_tokens)
+    meta = read_meta(TOKENS_DIR)
+    val_samples = split_samples(TOKENS_DIR, "val", params.train.seq_len, packing_for(meta, params.train.packing),
+                                seed=None, required=False, max_tokens=p.max_val_tokens, meta=meta)
     metrics = validation_loss(model, val_samples, p.batch_size)
     metrics.update(preference_metrics(model, params.train, TOKENS_DIR, TOKENIZER_DIR,
                                       params.tokenizer.trust_remote_code))

@@ -3,6 +3,7 @@
     python -m stages.memory_plan                         # the session params.yaml describes, on this machine
     python -m stages.memory_plan --config path/to/phi-2 --seq-len 2048 --batch-size 4 --precision fp16 --gib 15
     python -m stages.memory_plan --config path/to/phi-2 --precision fp16 --gib 15 --lora-r 16 --activation-checkpointing
+    python -m stages.memory_plan --config path/to/Llama-3.1-8B --gib 15 --lora-r 16 --quantize nf4   # QLoRA on a T4
 
 It prints the plan the train stage prints before its first step (stages/lib/modeling/memory.py) and, when the plan does
 not fit, the settings that would. Nothing is loaded: the model is built on PyTorch's meta device from its config.json.
@@ -35,9 +36,11 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size or (train.batch_size if train else 1),
         seq_len=args.seq_len or (train.seq_len if train else min(2048, config.max_position_embeddings)),
         grad_accum=args.grad_accum or (train.grad_accum if train else 1),
-        precision=args.precision or pick_precision(train.precision if train else "auto", device, warn=False).name,
+        precision=args.precision or ("fp16" if args.gib and not train else  # another device: a GPU's 16 bits
+                                     pick_precision(train.precision if train else "auto", device, warn=False).name),
         activation_checkpointing=args.activation_checkpointing or bool(train and train.activation_checkpointing),
         **_lora_settings(args.lora_r, train, vocab_size, shape))
+    setup = replace(setup, **_other_settings(args, train, setup))
     free = int(args.gib * memory.GIB) if args.gib else memory.available_memory(device)
     where = f"a {args.gib:g} GiB device" if args.gib else str(device)
     plan = memory.plan_memory(shape, setup, free, where)
@@ -55,12 +58,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="windows per micro-batch (with --config: 1)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step (with --config: 1)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                        help="what the passes compute in (default: what `auto` picks on this machine; give it when "
-                             "planning for another GPU: fp16 on a T4 or V100, bf16 on an A100 or H100)")
+                        help="what the passes compute in (default: what `auto` picks on this machine; with --config "
+                             "and --gib, fp16, as on a T4 or V100: bf16 on an A100 or H100 takes the same memory)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--lora-r", type=int, help="plan LoRA adapters of this rank on the frozen base, on its "
                                                    "attention and MLP projections (default: train.lora.r, or 0 "
                                                    "with --config)")
+    parser.add_argument("--quantize", choices=("none", "nf4"),
+                        help="hold the LoRA's frozen base in 4 bits (QLoRA; default: train.lora.quantize, or none "
+                             "with --config); with it, --activation-checkpointing is on unless --no-checkpointing")
+    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit"),
+                        help="AdamW's moments in fp32 or in 8 bits (default: train.optimizer, or adamw)")
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="with a LoRA: the embeddings and head train too (train.lora.train_embeddings)")
+    parser.add_argument("--packing", choices=("stream", "documents"),
+                        help="documents: packed documents, whose attention mask sdpa keeps per layer (default: "
+                             "train.packing when it says documents, else stream)")
+    parser.add_argument("--no-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gib", type=float, help="free device memory to plan against, in GiB (default: this "
                                                   "machine's free GPU memory, or its available RAM)")
     return parser
@@ -75,6 +89,22 @@ def _lora_settings(lora_r: int | None, train: TrainParams | None, vocab_size: in
         return {"lora_r": r, "lora_dropout": dropout} if r else {}
     wanted = replace(train, lora=replace(train.lora, r=lora_r)) if lora_r is not None else train
     return lora.checked_plan_settings(wanted, vocab_size, shape)
+
+
+def _other_settings(args, train: TrainParams | None, setup: memory.Setup) -> dict:
+    """The plan's 4-bit base, optimizer, trained embeddings and packing: the arguments', else train's."""
+    settings = memory.plan_settings(train, train.packing == "documents") if train else {}
+    settings = {**settings, **{key: value for key, value in (("quantize", args.quantize), ("optimizer", args.optimizer))
+                               if value is not None}}
+    if args.train_embeddings:
+        settings["train_embeddings"] = True
+    if args.packing:
+        settings["document_mask"] = args.packing == "documents"
+    if (settings.get("quantize") == "nf4" or settings.get("train_embeddings")) and not setup.lora_r:
+        raise UserError("--quantize nf4 and --train-embeddings plan a LoRA: give its rank with --lora-r (16, say)")
+    if settings.get("quantize") == "nf4" and not args.no_checkpointing:
+        settings["activation_checkpointing"] = True  # what every QLoRA recipe runs with
+    return settings
 
 
 def _config(path: str):

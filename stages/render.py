@@ -2,10 +2,12 @@
 
     python -m stages.render
 
-What it reads (stages/lib/tokenizing/mixture.py): `render.data_path` (a file, a folder's data files, or a glob, in
-sorted path order), or the weighted sources of `render.sources` inside it, then `render.validation_path`, whose files
-are never training data. Files (stages/lib/ingest/readers.py), all streamed: plain text `.txt`, JSON arrays and JSONL
-(`.json`, `.jsonl`), each of these also compressed (`.gz`, `.zst`), and Parquet (`.parquet`).
+What it reads (stages/lib/tokenizing/mixture.py): `render.data_path` (a file, the data files of a folder and its
+subfolders, hidden ones left out, or a glob, in sorted path order), or the weighted sources of `render.sources` inside
+it, then `render.validation_path`, whose files are never training data. Files (stages/lib/ingest/readers.py), all
+streamed: plain text `.txt`, JSON arrays, one JSON object (its list of records under `render.records_field`) and
+JSONL (`.json`, `.jsonl`), each of these also compressed (`.gz`, `.zst`), and Parquet (`.parquet`). A file whose
+bytes contradict its name (a `.zst` that is plain JSONL) stops the stage with what it looks like and the fix.
 
 Each record (stages/lib/ingest/fields.py, with render.fields and render.roles) is one of:
 - plain text: a document of a `.txt` file cut by `render.text_split` (`paragraph` = runs of lines between blank
@@ -14,23 +16,25 @@ Each record (stages/lib/ingest/fields.py, with render.fields and render.roles) i
   Alpaca prompt (stages/lib/ingest/chat_templates.py), or as a user/assistant exchange when `render.template` is
   `chatml` or `tokenizer`.
 - chat data: `messages` (or ShareGPT `conversations`, or a bare list of messages), tool calls and tool results
-  included, rendered with ChatML or the HuggingFace tokenizer's chat template.
+  included, rendered with ChatML or the HuggingFace tokenizer's chat template; a field holding a list of
+  conversations gives one record each (located as `record[i]`). Fields may be dotted paths into nested objects.
 With `render.format: auto` a `.txt` file is text and a data file's first usable record (a Parquet file's columns)
 decides the file's kind.
 
 Fixed up silently: a UTF-8 byte order mark, CRLF line endings (made "\\n" in text and in every string), a missing
-final newline, blank lines in JSONL. Records that cannot be used (malformed JSON, a missing or non-string field,
-bytes that are not UTF-8, an unknown role, a content part that is not text) stop the stage with their location
-unless `render.on_error: skip`, which skips and counts them. Suspicious records are counted with their first
-locations in stats.json and the summary: empty answers (`render.empty_answers: skip` drops them), conversations
-without a user turn, records longer than `render.long_record_chars`, and fields that nothing reads, by name.
+final newline, blank lines in JSONL. Records that cannot be used (malformed JSON, JSON nested too deep, a line
+longer than `render.max_record_mb`, a missing or non-string field, bytes that are not UTF-8, an unknown role, a
+content part that is not text) stop the stage with their location unless `render.on_error: skip`, which skips and
+counts them. Suspicious records are counted with their first locations in stats.json and the summary: empty answers
+(`render.empty_answers: skip` drops them), conversations without a user turn or ending on one, empty documents
+(dropped), records longer than `render.long_record_chars`, and fields that nothing reads, by name.
 
 The files are cut into pieces (stages/lib/ingest/pieces.py), rendered by `render.workers` processes (each writing a
 piece to a part file, so memory holds no more than a record at a time) and written in order to a temporary file renamed
-at the end: the same input gives byte-identical outputs with any number of processes.
+at the end: the same input gives byte-identical outputs with any number of processes. A worker that dies (the OOM
+killer) stops the stage at once, naming the piece, and nothing is put in place.
 """
 
-import collections
 import contextlib
 import json
 import os
@@ -45,11 +49,11 @@ from stages.lib.base.errors import UserError, run_stage
 from stages.lib.base.files import replaced_file
 from stages.lib.base.params import RENDERED_DIR, Params, RenderParams, load_params
 from stages.lib.base.progress import bar
-from stages.lib.base.workers import available_cores, ordered_map
+from stages.lib.base.workers import WorkerDied, available_cores, ordered_map
 from stages.lib.ingest.convert import Context, TemplateChooser, render_record
-from stages.lib.ingest.fields import KINDS, Mapping, detect_kind, unknown_shape
+from stages.lib.ingest.fields import KINDS, Mapping, conversation_list, detect_kind, unknown_shape, with_field
 from stages.lib.ingest.pieces import PIECE_BYTES, Piece, expanded, file_layout, plan_file, read_piece
-from stages.lib.ingest.readers import Location, RecordError, open_parquet, split_suffix
+from stages.lib.ingest.readers import Location, RecordError, check_content, open_parquet, split_suffix
 from stages.lib.ingest.sources import DATA_SUFFIXES, Source, sources_of
 from stages.lib.ingest.tally import Stats
 from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE
@@ -80,11 +84,12 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
             tempfile.TemporaryDirectory(dir=out_dir, prefix=".render-parts-") as parts:
         # One process writes straight to the output; workers write each piece to a part file, copied in order.
         output = out if workers == 1 else Path(parts)
-        produced = collections.deque()  # the pieces handed out, whose results come back in the same order
-        tasks = enumerate(produced.append(p) or p for p in expanded(pieces, params.render.text_split, piece_bytes))
-        for part, piece_stats, error in ordered_map(render_piece, tasks, workers, start_worker,
-                                                    (params, sources, mappings, output)):
-            piece = produced.popleft()
+        handed = {}  # the pieces handed out and not written yet, by number; results come back in that order
+        cut = expanded(pieces, params.render.text_split, piece_bytes, max_record_bytes(params.render))
+        tasks = ((number, handed.setdefault(number, p)) for number, p in enumerate(cut))
+        results = ordered_map(render_piece, tasks, workers, start_worker, (params, sources, mappings, output))
+        for number, (part, piece_stats, error) in enumerate(_unless_a_worker_dies(results, handed)):
+            piece = handed.pop(number)
             if error:
                 raise UserError(error)
             if part:
@@ -104,6 +109,26 @@ def render(params: Params, out_dir: str | Path, piece_bytes: int = PIECE_BYTES) 
     return counted
 
 
+def max_record_bytes(render: RenderParams) -> int:
+    """render.max_record_mb in bytes."""
+    return int(render.max_record_mb * (1 << 20))
+
+
+def _unless_a_worker_dies(results: Iterator, handed: dict[int, Piece]) -> Iterator:
+    """The results; a worker that died is a UserError naming the piece it had (`handed`: the pieces out, by number)."""
+    try:
+        yield from results
+    except WorkerDied as died:
+        number = died.item if died.item in handed else min(handed, default=None)
+        piece = handed.get(number)
+        which = "a piece of the input" if piece is None else f"piece {number} ({piece.path}" + (
+            f", from line {piece.first_line})" if piece.layout in ("text", "jsonl") else ")")
+        raise UserError(f"a render worker process {died.how()} while rendering {which}; the usual cause is memory "
+                        "(the system's out-of-memory killer stops the largest process): set render.workers: 1 "
+                        "(or fewer workers) to use less memory, or lower render.max_record_mb. Nothing was "
+                        "written") from None
+
+
 def plan(sources: list[Source], mappings: list[Mapping], render: RenderParams, stats: Stats,
          piece_bytes: int) -> list[Piece]:
     """The pieces of every file of every source, in order; each file's kind decided (and noted in stats)."""
@@ -111,19 +136,20 @@ def plan(sources: list[Source], mappings: list[Mapping], render: RenderParams, s
     for index, (source, mapping) in enumerate(zip(sources, mappings)):
         forced = source.format or render.format
         for path in source.files:
+            check_content(path)
             kind = None if forced == "auto" else forced
             if kind is None and split_suffix(path)[0] not in DATA_SUFFIXES:
                 raise UserError(f"{path.as_posix()}: cannot tell the format from the file name; use .txt, .json, "
                                 ".jsonl or .parquet (optionally .gz or .zst), or set render.format")
             layout = file_layout(path, kind == "text", mapping.role)
-            kind = kind or file_kind(path, layout, mapping, render.text_split)
+            kind = kind or file_kind(path, layout, mapping, render)
             stats.formats[path.as_posix()] = kind
             pieces += plan_file(path, index, layout, kind, render.text_split, piece_bytes,
                                 mapping.columns(kind) if kind in KINDS else ())
     return pieces
 
 
-def file_kind(path: Path, layout: str, mapping: Mapping, split: str) -> str:
+def file_kind(path: Path, layout: str, mapping: Mapping, render: RenderParams) -> str:
     """text, instruction or chat from a file's first usable record (a Parquet file: its columns); else empty."""
     if layout == "text":
         return "text"
@@ -134,7 +160,9 @@ def file_kind(path: Path, layout: str, mapping: Mapping, split: str) -> str:
             raise UserError(f"{path.as_posix()}: {unknown_shape({name: None for name in names})}")
         return kind
     whole = Piece(path.as_posix(), 0, layout, "empty")
-    for _, item in read_piece(whole, split):
+    for _, item in read_piece(whole, render.text_split, render.records_field, max_record_bytes(render)):
+        if (many := conversation_list(item, mapping)) is not None:
+            item = with_field(item, many[0], many[1][0])
         kind = None if isinstance(item, RecordError) else detect_kind(item, mapping)
         if kind:
             return kind
@@ -193,10 +221,23 @@ def render_piece(task: tuple[int, Piece]) -> tuple[str | None, Stats, str | None
 
 
 def _render_into(out: IO[str], piece: Piece, ctx: Context, stats: Stats) -> None:
-    for where, item in read_piece(piece, ctx.params.render.text_split):
+    for where, item in _records(piece, ctx):
         line = render_record(where, item, piece, ctx, stats)
         if line is not None:
             out.write(line)
+
+
+def _records(piece: Piece, ctx: Context) -> Iterator[tuple[Location, object]]:
+    """The records of a piece; one whose messages field holds a list of conversations gives one per conversation."""
+    render, mapping = ctx.params.render, ctx.mappings[piece.source]
+    for where, item in read_piece(piece, render.text_split, render.records_field, max_record_bytes(render)):
+        many = None if isinstance(item, RecordError) else conversation_list(item, mapping)
+        if many is None:
+            yield where, item
+            continue
+        key, conversations = many
+        for i, conversation in enumerate(conversations):
+            yield where._replace(conversation=i), with_field(item, key, conversation)
 
 
 def _what(render: RenderParams) -> str:
@@ -222,11 +263,12 @@ def _report(stats: Stats, sources: list[dict], out_dir: Path, input_bytes: int, 
 
 
 def _skipped_where(entry: dict) -> str:
+    part = entry.get("conversation")
     if "record" in entry:
-        return str(Location(entry["file"], index=entry["record"]))
+        return str(Location(entry["file"], index=entry["record"], conversation=part))
     if "row" in entry:
-        return str(Location(entry["file"], index=entry["row"]))
-    return str(Location(entry["file"], entry["line"]))
+        return str(Location(entry["file"], index=entry["row"], conversation=part))
+    return str(Location(entry["file"], entry.get("line"), conversation=part))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE, Document, as
 from stages.lib.tokenizing.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
+SPELLED_KEPT = 5  # documents that spell special tokens named per split in meta.json
 
 
 @dataclass
@@ -74,13 +75,18 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
     total_bytes = sum(_bytes_of(lengths, order) for order in splits.values())
     with replaced_folder(out_dir) as folder, _Progress(total_bytes) as progress:
         for split, order in splits.items():
+            spelling, done = SpecialTokenText(), 0
             with SplitWriter(folder, split, dtype, params.save_bin, save_jsonl) as writer:
                 chunks = read_documents(records_path, starts, lengths, order, chunk_bytes)
                 for docs, nbytes in prefetched(chunks):
-                    ids, mask, doc_lengths = encode_documents(tok, docs, dtype, params.train_on_prompt)
-                    writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs))
+                    ids, mask, doc_lengths, spelled = encode_documents(tok, docs, dtype, params.train_on_prompt)
+                    writer.write(ids, mask, doc_lengths, with_prompt=sum(not doc.all_response() for doc in docs),
+                                 records=order[done:done + len(docs)])
+                    spelling.add({int(order[done + i]): tokens for i, tokens in spelled.items()})
                     progress.advance(nbytes, len(ids))
-            meta["splits"][split] = writer.summary(records=order)
+                    done += len(docs)
+            meta["splits"][split] = writer.summary()
+            meta["splits"][split]["special_token_text"] = spelling.summary(records_path, starts, lengths)
             for longest in meta["splits"][split]["longest_documents"]:
                 longest["source"] = record_source(records_path, int(starts[order[longest["index"]]]),
                                                   int(lengths[order[longest["index"]]]))
@@ -91,6 +97,25 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
     return meta
 
 
+class SpecialTokenText:
+    """The documents of a split whose data spells a special token (encoded as text): counted, the first few named."""
+
+    def __init__(self):
+        self.documents = 0
+        self.first: dict[int, list[str]] = {}  # record index -> the special tokens it spells
+
+    def add(self, spelled: dict[int, list[str]]) -> None:
+        """Count a chunk's documents that spell special tokens (record index -> the tokens)."""
+        self.documents += len(spelled)
+        for record, tokens in spelled.items():
+            if len(self.first) < SPELLED_KEPT:
+                self.first.setdefault(record, tokens)
+
+    def summary(self, records_path: Path, starts: np.ndarray, lengths: np.ndarray) -> dict:
+        """This split's entry for meta.json: how many documents, and where the first ones came from."""
+        return {"documents": self.documents,
+                "first": [{"source": record_source(records_path, int(starts[r]), int(lengths[r])),
+                           "tokens": sorted(set(tokens))} for r, tokens in self.first.items()]}
 def _record_kinds(records_path: Path) -> dict:
     """The kind of each rendered file (stats.json's `formats`), or nothing when stats.json is missing."""
     path = records_path.parent / STATS_FILE
@@ -197,7 +222,7 @@ def _eos_token(folder: Path) -> str:
 
 
 def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offset (int64) and byte length (int32) of every non-blank line of `path`.
+    """Byte offset and byte length (int64: one line may pass 2 GiB) of every non-blank line of `path`.
 
     Two streaming passes: one counts the lines, the other fills arrays of that size, so memory holds the two
     numbers per line and no copy of them (a gigabyte of short documents is millions of lines).
@@ -206,7 +231,7 @@ def index_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
     with open(path, "rb") as f:
         n_lines = sum(block.count(b"\n") for block in iter(lambda: f.read(_INDEX_BLOCK), b"")) + 1
-    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int32)
+    starts, lengths = np.empty(n_lines, np.int64), np.empty(n_lines, np.int64)
     kept, line_start, size = 0, 0, 0
     with open(path, "rb") as f:
         while block := f.read(_INDEX_BLOCK):
@@ -313,11 +338,13 @@ def _line_number(path: Path, offset: int) -> int:
 
 
 def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
-                     train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids (each document followed by EOS), loss mask, and tokens per document for a chunk of documents."""
+                     train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Token ids (each document followed by EOS), loss mask, tokens per document for a chunk of documents, and the
+    special tokens spelled by the data of those that spell any (by index in `docs`: encoded as text)."""
     texts = [doc.text for doc in docs]
     partial = [] if train_on_prompt else [i for i, doc in enumerate(docs) if not doc.all_response()]
-    encoded = tok.encoder.encode(texts, tok.eos_id, [i for i in partial if docs[i].response_spans])
+    encoded = tok.encoder.encode(texts, tok.eos_id, [i for i in partial if docs[i].response_spans],
+                                 [doc.control for doc in docs])
     doc_lengths = encoded.lengths
     total = int(doc_lengths.sum())
     ids = encoded.ids.astype(id_dtype(dtype))
@@ -329,7 +356,7 @@ def encode_documents(tok: TokenizerInfo, docs: list[Document], dtype: str,
             mask[start:end - 1] = response_token_mask(encoded.offsets[i], doc.response_spans, len(doc.text))
         else:
             mask[start:end] = 0
-    return ids, mask, doc_lengths
+    return ids, mask, doc_lengths, encoded.spelled
 
 
 def response_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], n_chars: int) -> np.ndarray:
@@ -392,6 +419,11 @@ def print_summary(meta: dict) -> None:
         if s["documents_without_loss"]:
             print(f"tokenize: {split}: {s['documents_without_loss']:,} documents have no token in the loss (a prompt "
                   "with no answer): they teach nothing")
+        spelled = s.get("special_token_text", {})
+        if spelled.get("documents"):
+            where = ", ".join(f"{d['source']} ({' '.join(d['tokens'])})" for d in spelled["first"])
+            print(f"tokenize: {split}: {spelled['documents']:,} documents spell a special token in their data, "
+                  f"encoded as plain text (only the template writes special tokens): {where}")
     for split, pairs in (meta.get("pairs") or {}).items():
         print(f"tokenize: {split}: {pairs['pairs']:,} preference pairs, {pairs['tokens']:,} tokens "
               f"({split}.pairs.bin)")

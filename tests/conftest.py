@@ -56,6 +56,12 @@ def write_rendered(folder: Path, records: list[dict], templates=("alpaca", "chat
     return folder / "records.jsonl"
 
 
+def unmarked(segments: list[dict]) -> list[dict]:
+    """Segments without their control marks (which characters the template wrote as special tokens), for tests
+    about text and answers."""
+    return [{k: v for k, v in s.items() if k != "control"} for s in segments]
+
+
 def text_records(texts: list[str]) -> list[dict]:
     """Plain text records, one segment each, all of it counted in the loss."""
     return [{"source": f"t.txt:{i}", "kind": "text", "segments": [{"text": t, "response": True}]}

@@ -215,13 +215,16 @@ def test_a_far_step_computes_only_its_own_epoch():
 def test_validation_batches_are_fixed_and_spread_over_the_split():
     ids, mask = np.arange(1000, dtype=np.uint32), np.ones(1000, np.uint8)  # each id is its own position
     windows = StreamWindows(ids, mask, np.array([0]), SEQ)
-    first, again = validation_batches(windows, 4, 3), validation_batches(windows, 4, 3)
+    first, again = validation_batches(windows, 12, 4), validation_batches(windows, 12, 4)
     assert len(first) == 3 and all(same(a, b) for a, b in zip(first, again))
+    in_threes = validation_batches(windows, 12, 3)  # the same samples, whatever the batch size
+    assert len(in_threes) == 4
+    assert torch.equal(torch.cat([b.inputs for b in in_threes]), torch.cat([b.inputs for b in first]))
     starts = torch.cat([b.inputs[:, 0] for b in first]).tolist()
     assert starts[0] == 0 and starts[-1] == (windows.count - 1) * SEQ  # from the start to the end of the split
     assert len(set(starts)) == 12
     tiny = StreamWindows(ids[:50], mask[:50], np.array([0]), SEQ)  # 4 windows: fewer than asked for
-    assert sum(len(b.inputs) for b in validation_batches(tiny, 4, 3)) == 4
+    assert sum(len(b.inputs) for b in validation_batches(tiny, 12, 4)) == 4
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])

@@ -227,3 +227,20 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_checkpoint_with_fil
     save(tmp_path, model, optimizer, step=6)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000006"]
     assert [p.name for p in (tmp_path / "recovery").iterdir()] == ["step-00000006"]
+
+
+def test_a_save_reads_each_checkpoint_folder_once(tmp_path, monkeypatch):
+    model, optimizer = model_and_optimizer(seed=0)
+    save(tmp_path, model, optimizer, step=2)
+    reads = []
+    real = store.read_state
+
+    def counted(folder):
+        reads.append(Path(folder).relative_to(tmp_path).as_posix())
+        return real(folder)
+    monkeypatch.setattr(store, "read_state", counted)
+    save(tmp_path, model, optimizer, step=4)
+    # the new checkpoint, its recovery copy, and the step-2 checkpoint in both places before they are pruned
+    assert sorted(reads) == ["checkpoints/step-00000002", "checkpoints/step-00000004",
+                             "recovery/step-00000002", "recovery/step-00000004"]
+    assert [c.step for c in found(tmp_path)] == [4]

@@ -64,7 +64,9 @@ def a_day(machine) -> str:
 
 
 def sessions_on_the_remote(remote) -> list[str]:
-    return run(remote, "git", "log", "--format=%s", "main").splitlines()[:-1]  # the oldest is the project itself
+    """The sessions' commits on the remote's main, newest first (not the project's, nor the evaluate stage's)."""
+    titles = run(remote, "git", "log", "--format=%s", "main").splitlines()[:-1]  # the oldest is the project itself
+    return [title for title in titles if ": evaluated" not in title]
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +86,23 @@ def world(tmp_path_factory):
 
 def test_day_1_on_machine_a_trains_commits_and_pushes(world):
     out = a_day(world["a"])
-    for step in ("1/6 checking the workspace", "2/6 pulling", "3/6 training: dvc repro", "4/6 pushing the data",
-                 "5/6 committing", "6/6 pushing the commit"):
+    for step in ("1/8 checking the workspace", "2/8 taking the lease", "3/8 pulling", "4/8 training: dvc repro train",
+                 "5/8 pushing the data", "6/8 committing", "7/8 pushing the commit", "8/8 evaluating"):
         assert f"== {step}" in out, out
     assert "$ git pull --ff-only" in out and "$ dvc push" in out and "$ git push" in out
+    assert "took the lease (refs/stepwise/lease/main in origin)" in out and "dropped the lease" in out
+    # The session is on both remotes before the optional evaluate stage runs.
+    assert out.index("$ git push") < out.index("$ dvc repro -s evaluate")
     assert "dvc.lock records no stage yet: no data to pull (this is the first session)" in out
     assert checkpoint_step(world["a"]) == 2
     assert sessions_on_the_remote(world["remote"]) == ["Session 1: steps 0 -> 2 of 8"]
+    last = run(world["remote"], "git", "log", "-1", "--format=%s", "main")
+    assert last == "Session 1: evaluated the model at step 2\n"
+    assert run(world["remote"], "git", "ls-remote", ".", "refs/stepwise/*") == ""  # the lease was dropped
     assert run(world["a"], "git", "status", "--porcelain") == ""  # everything the session changed is committed
     log = [json.loads(line) for line in (world["a"] / "outputs/sessions.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in log] == [[0, 2]] and log[0]["push"]["bytes"] > 0
+    assert log[0]["dvc_commit"]["seconds"] > 0 and log[0]["evaluate"]["seconds"] > 0
 
 
 def test_day_2_on_machine_b_continues_from_day_1(world):
@@ -101,7 +110,7 @@ def test_day_2_on_machine_b_continues_from_day_1(world):
     assert "$ dvc pull evaluate render tokenize tokenizer train" in out and "resuming from step 2" in out, out
     assert '$ git commit -m "Session 2: steps 2 -> 4 of 8"' in out
     assert checkpoint_step(world["b"]) == 4
-    message = run(world["remote"], "git", "log", "-1", "--format=%B", "main")
+    message = run(world["remote"], "git", "log", "-1", "--format=%B", "main~1")  # main: its evaluate commit
     assert message.startswith("Session 2: steps 2 -> 4 of 8\n\nTrained on "), message
     assert re.search(r"train/loss \d\.\d{4} -> \d\.\d{4}", message) and "val/loss" in message
 
@@ -127,7 +136,7 @@ def test_the_command_refuses_a_workspace_with_changes_of_yours(world):
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert done.returncode == 1
     assert "error: these files have changes that are not DVC's: params.yaml. Commit them first" in done.stderr
-    assert "== 2/6" not in done.stdout  # nothing else was done
+    assert "== 2/8" not in done.stdout  # nothing else was done
     run(world["b"], "git", "checkout", "--", "params.yaml")
 
 
@@ -140,7 +149,7 @@ def test_a_failed_pull_stops_before_training_and_says_why(world, tmp_path):
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert done.returncode == 1, done.stdout
     assert "error: dvc pull failed (see above): nothing was trained" in done.stderr
-    assert "== 3/6" not in done.stdout and not (stranger / "checkpoints").exists()
+    assert "== 4/8" not in done.stdout and not (stranger / "checkpoints").exists()
 
 
 def test_the_notebook_runs_a_day_top_to_bottom(world, tmp_path, monkeypatch):
@@ -159,6 +168,7 @@ def test_the_notebook_runs_a_day_top_to_bottom(world, tmp_path, monkeypatch):
     assert checkpoint_step(tmp_path / "project") == 8
     assert sessions_on_the_remote(world["remote"])[0] == "Session 4: steps 6 -> 8 of 8"
     output = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
-    assert "eval.val_loss" in output and "time kept back for the push: at" in output and "(the last push)" in output
+    assert "eval.val_loss" in output and "kept back from training: the push at" in output
+    assert "(the last push)" in output
     assert "train.minutes_today = auto: no time limit found" in output  # no notebook service on a test machine
     assert any("image/svg+xml" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))

@@ -9,7 +9,15 @@ import pytest
 from train_helpers import checkpoint_step, make_workspace, session
 
 from stages.lib.base.errors import UserError
-from stages.lib.training.deadline import PUSH_SPEED_ENV, find_time_limit, parse_slurm_duration, session_minutes
+from stages.lib.training.deadline import (
+    COMMIT_SPEED_ENV,
+    KEEP_BACK_ENV,
+    PUSH_SPEED_ENV,
+    STARTED_ENV,
+    find_time_limit,
+    parse_slurm_duration,
+    session_minutes,
+)
 
 NOW = 1_800_000_000.0
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -101,3 +109,14 @@ def test_an_auto_session_stops_in_time_for_its_push(tmp_path, monkeypatch, capsy
     assert time.time() - began < 16 - 6 + 1  # the push's 6 s left (1 s of slack for a busy machine)
     out = capsys.readouterr().out
     assert "time limit: STEPWISE_DEADLINE: ends at" in out and "keeping 6 s back to push about 0.6 MB" in out
+
+
+def test_under_the_session_command_minutes_count_from_its_start_and_dvcs_commit_is_kept_back():
+    env = {PUSH_SPEED_ENV: "1000000", COMMIT_SPEED_ENV: "2000000", KEEP_BACK_ENV: "50", STARTED_ENV: str(NOW - 100)}
+    # The stage started 40 s ago, 60 s after the command: 10 min - 60 s (push) - 30 s (DVC's commit) - 50 s - 60 s.
+    minutes, note = session_minutes(10, 60e6, elapsed=40, env=env, now=NOW)
+    assert minutes == pytest.approx((600 - 60 - 30 - 50 - 60) / 60)
+    assert "keeping 60 s back to push about 60.0 MB, and 80 s back for DVC's commit and what follows it" in note
+    assert "60 s of it spent before the train stage started" in note
+    env["STEPWISE_DEADLINE"] = str(NOW + 1000)  # auto: the machine's end, wherever the command started
+    assert session_minutes("auto", 60e6, elapsed=40, env=env, now=NOW)[0] == pytest.approx((1000 + 40 - 140) / 60)

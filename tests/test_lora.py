@@ -222,6 +222,36 @@ def test_two_processes_with_ddp_then_fsdp_train_the_adapters_as_one_process_does
     torch.testing.assert_close(logits(exports[1], tokens), logits(exports[0], tokens), rtol=1e-4, atol=1e-5)
 
 
+def test_two_processes_with_dropout_resume_bitwise_each_from_its_own_random_state(tmp_path):
+    base_model("llama", tmp_path / "base")
+    run = lora_run(tmp_path / "base", total_step_budget=4, batch_size=4, devices=2, lora={**LORA, "dropout": 0.05})
+    whole = make_workspace(tmp_path / "whole")
+    assert run_stage(whole, **run).returncode == 0
+    split = make_workspace(tmp_path / "split")
+    for _ in range(2):
+        done = run_stage(split, steps_today=2, **run)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step 2" in done.stdout
+    last = "checkpoints/step-00000004"
+    assert tree_bytes(split / last).keys() >= {"rng.json", "rng-rank1.json"}
+    for name in ("adapters.safetensors", "optimizer.safetensors", "rng.json", "rng-rank1.json"):
+        assert (split / last / name).read_bytes() == (whole / last / name).read_bytes(), name
+    # Each process drew its own masks: rank 1's random state is not rank 0's.
+    assert (split / last / "rng.json").read_bytes() != (split / last / "rng-rank1.json").read_bytes()
+
+
+def test_a_checkpoint_with_rank_0s_random_state_alone_resumes_on_two_processes(tmp_path):
+    base_model("llama", tmp_path / "base")
+    run = lora_run(tmp_path / "base", total_step_budget=4, batch_size=4, devices=2, lora={**LORA, "dropout": 0.05})
+    root = make_workspace(tmp_path / "root")
+    assert run_stage(root, steps_today=2, **run).returncode == 0
+    (root / "checkpoints" / "step-00000002" / "rng-rank1.json").unlink()  # as saved before each process saved its own
+    done = run_stage(root, **run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step 2" in done.stdout
+    assert (root / "checkpoints" / "step-00000004" / "rng-rank1.json").exists()
+
+
 def test_the_base_is_held_in_the_compute_dtype_and_the_adapters_and_their_optimizer_state_in_fp32(tmp_path):
     base_model("llama", tmp_path / "base")
     run = tiny_params(**lora_run(tmp_path / "base"))

@@ -16,6 +16,7 @@ from train_helpers import (
     checkpoint_step,
     inside,
     make_workspace,
+    read_tsv,
     session,
     write_params,
 )
@@ -245,3 +246,16 @@ def test_the_plan_counts_the_adapters_peft_creates(family, targets):
     plan = plan_memory(shape, Setup(4, 128, lora_r=8, lora_targets=tuple(names)))
     assert plan.parts["gradients"] == 4 * adapters and plan.parts["AdamW state"] == 8 * adapters
     assert plan.parts["weights"] == 4 * (shape.parameters + adapters)
+
+
+def test_each_session_prints_and_logs_the_memory_it_took_beside_the_plan(tmp_path, capsys):
+    root = make_workspace(tmp_path)
+    session(root, steps_today=6)
+    out = capsys.readouterr().out
+    plan = tiny_plan(batch_size=TINY["batch_size"], grad_accum=TINY.get("grad_accum", 1))
+    line = next(line for line in out.splitlines() if "memory after the first steps:" in line)
+    assert "(peak resident memory of the process); the memory plan said" in line
+    assert f"said {memory.size(plan.peak)}" in line
+    (step, peak), = read_tsv(root, "memory/peak_gib")
+    (_, planned), = read_tsv(root, "memory/plan_gib")
+    assert step == 5 and float(peak) > 0.1 and float(planned) == round(plan.peak / GIB, 3)

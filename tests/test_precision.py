@@ -227,3 +227,30 @@ def test_fp16_sharded_over_two_fsdp_processes_skips_the_steps_one_process_skips(
     a, b = (load_file(checkpoint(root, 8) / "model.safetensors") for root in (one, two))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_fp16_that_overflows_in_every_forward_pass_stops_with_a_checkpoint_and_says_what_to_try(tmp_path, capsys):
+    from test_families import base_model
+    base = base_model("llama", tmp_path / "base")
+    with torch.no_grad():  # as a base trained in bf16 can be: weights past fp16's 65,504, inf in the forward pass
+        base.model.layers[0].mlp.down_proj.weight.mul_(1e6)
+    base.save_pretrained(tmp_path / "base")
+    root = make_workspace(tmp_path / "run", init_from=str(tmp_path / "base"), total_step_budget=60)
+    result = session(root, precision="fp16", init_from=str(tmp_path / "base"), total_step_budget=60)
+    assert (result.stopped_by, result.exit_code, result.end_step) == ("fp16-overflow", 1, 20)
+    err = capsys.readouterr().err
+    assert err.count("fp16 cannot train this model: the last 20 steps were all skipped") == 1, err
+    assert "checkpoint at step 20" in err and "train.precision: bf16" in err and "train.precision: fp32" in err
+    assert scaler_state(root, 20)["skipped_steps"] == 20
+    assert not (root / "models" / "tiny").exists()  # nothing learned: nothing exported
+    before = base.state_dict()
+    after = load_file(checkpoint(root, 20) / "model.safetensors")
+    assert all(torch.equal(after[name], before[name]) for name in after)
+
+
+def test_fp16_gives_up_on_steps_skipped_in_a_row_or_on_a_share_of_them_after_the_scale_settled():
+    from stages.lib.modeling.precision import gives_up
+    assert gives_up(19, 19, 0) is None and gives_up(20, 20, 0) == "the last 20 steps were all skipped"
+    assert gives_up(3, 199, 50) is None  # the share counts from 100 steps past the first 100
+    assert gives_up(1, 200, 2) is None and "3 of the 100 steps" in gives_up(1, 200, 3)
+    assert gives_up(0, 1100, 20) is None and gives_up(0, 1100, 21) is not None

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tokenizer
+from conftest import save_tokenizer, unmarked
 
 from stages.lib.base.errors import UserError
 from stages.lib.base.params import parse_params
@@ -155,7 +155,7 @@ def test_jsonl_with_blank_lines_crlf_and_no_final_newline():
 def test_instruction_data_with_chatml_template_becomes_a_user_assistant_exchange():
     write("raw/i.jsonl", jsonl({"instruction": "Add.", "input": "2 and 3", "output": "5"}))
     records, stats = run("raw/i.jsonl", template="chatml")
-    assert records[0]["segments"] == [
+    assert unmarked(records[0]["segments"]) == [
         {"text": "<|im_start|>user\nAdd.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n", "response": False},
         {"text": "5<|im_end|>", "response": True}, {"text": "\n", "response": False}]
     assert stats["templates"] == ["chatml"]
@@ -179,7 +179,7 @@ def test_chat_messages_render_as_chatml_with_answers_marked():
     write("raw/c.jsonl", jsonl({"id": 1, "messages": CHAT}))
     records, stats = run("raw/c.jsonl")
     assert records[0]["kind"] == "chat" and records[0]["source"] == "raw/c.jsonl:1"
-    assert records[0]["segments"] == CHATML_SEGMENTS
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS
     assert stats["templates"] == ["chatml"] and stats["formats"] == {"raw/c.jsonl": "chat"}
 
 
@@ -189,7 +189,7 @@ def test_sharegpt_conversations_map_to_roles():
     sharegpt[1]["from"] = "user"  # "user" and "assistant" are accepted as well
     write("raw/c.jsonl", jsonl({"conversations": sharegpt}))
     records, _ = run("raw/c.jsonl")
-    assert records[0]["segments"] == CHATML_SEGMENTS
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS
 
 
 def test_crlf_inside_chat_contents_is_normalised():
@@ -311,17 +311,22 @@ def test_nothing_rendered_is_an_error_and_keeps_the_previous_output():
 
 # ---- finding files, formats, determinism ------------------------------------------------------------------------
 
-def test_folder_reads_data_files_in_sorted_order_and_detects_each_format():
+def test_folder_reads_data_files_of_its_subfolders_in_sorted_order_skips_hidden_ones_and_detects_formats():
     write("raw/b.jsonl", jsonl({"messages": CHAT}))
     write("raw/a.json", json.dumps([{"instruction": "Say hi.", "output": "hi"}]))
     write("raw/c.txt", "some text\n")
     write("raw/notes.md", "# not data\n")
-    write("raw/sub/d.txt", "in a subfolder\n")
+    write("raw/sub/2024/d.txt", "in a subfolder\n")
+    write("raw/sub/e.txt", "next to it\n")
+    write("raw/.cache/x.txt", "hidden folder\n")
+    write("raw/sub/.hidden.txt", "hidden file\n")
     records, stats = run("raw")
-    assert [r["source"] for r in records] == ["raw/a.json[0]", "raw/b.jsonl:1", "raw/c.txt:1"]
-    assert stats["formats"] == {"raw/a.json": "instruction", "raw/b.jsonl": "chat", "raw/c.txt": "text"}
+    assert [r["source"] for r in records] == ["raw/a.json[0]", "raw/b.jsonl:1", "raw/c.txt:1",
+                                              "raw/sub/2024/d.txt:1", "raw/sub/e.txt:1"]
+    assert stats["formats"] == {"raw/a.json": "instruction", "raw/b.jsonl": "chat", "raw/c.txt": "text",
+                                "raw/sub/2024/d.txt": "text", "raw/sub/e.txt": "text"}
     assert stats["templates"] == ["alpaca", "chatml"]
-    assert stats["records_written"] == 3 and stats["characters"] == sum(map(len, texts(records)))
+    assert stats["records_written"] == 5 and stats["characters"] == sum(map(len, texts(records)))
 
 
 def test_glob_and_forced_format():
@@ -370,7 +375,7 @@ def test_tokenizer_chat_template_spans_and_final_eos():
     make_hf_tokenizer("tok", END_WITH_EOS_TEMPLATE)
     write("raw/c.jsonl", jsonl({"messages": CHAT}))
     records, stats = run("raw/c.jsonl", tokenizer=hf("tok"))  # auto picks the tokenizer's template
-    assert records[0]["segments"] == [
+    assert unmarked(records[0]["segments"]) == [
         {"text": "<|system|>\nBe brief.<|end|>\n<|user|>\n2+3?<|end|>\n<|assistant|>\n", "response": False},
         {"text": "5<|end|>\n", "response": True},
         {"text": "<|user|>\ntimes 2?<|end|>\n<|assistant|>\n", "response": False},
@@ -387,7 +392,7 @@ def test_tokenizer_without_chat_template():
     make_hf_tokenizer("tok", None)
     write("raw/c.jsonl", jsonl({"messages": CHAT}))
     records, stats = run("raw/c.jsonl", tokenizer=hf("tok"))
-    assert stats["templates"] == ["chatml"] and records[0]["segments"] == CHATML_SEGMENTS
+    assert stats["templates"] == ["chatml"] and unmarked(records[0]["segments"]) == CHATML_SEGMENTS
     with pytest.raises(UserError, match="has no chat template"):
         run("raw/c.jsonl", template="tokenizer", tokenizer=hf("tok"))
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import unmarked
 from test_render import (  # noqa: F401
     ALPACA_NO_INPUT,
     CHAT,
@@ -46,14 +47,14 @@ def test_a_dialog_field_with_speaker_and_text_keys_and_custom_roles():
         run("raw/d.jsonl")
     records, _ = run("raw/d.jsonl", fields={"messages": "dialog", "role": "speaker", "content": "text"},
                      roles={"narrator": "system"})
-    assert records[0]["segments"] == CHATML_SEGMENTS
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS
 
 
 def test_known_role_names_map_without_settings():
     names = {"system": "developer", "user": "prompter", "assistant": "chatgpt"}
     write("raw/c.jsonl", jsonl({"messages": [{"role": names[m["role"]], "content": m["content"]} for m in CHAT]}))
     records, _ = run("raw/c.jsonl")
-    assert records[0]["segments"] == CHATML_SEGMENTS
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS
 
 
 def test_a_jsonl_of_text_records_is_plain_text():
@@ -114,7 +115,7 @@ TOOLS_CHATML = [
 def test_tool_calls_and_results_render_in_chatml_with_the_tools(record):
     write("raw/t.jsonl", jsonl(record))
     records, stats = run("raw/t.jsonl")
-    assert records[0]["segments"] == TOOLS_CHATML
+    assert unmarked(records[0]["segments"]) == TOOLS_CHATML
     assert stats["fields_dropped"] == {}  # tools included; call ids stay on the messages
 
 
@@ -188,7 +189,8 @@ def test_suspicious_records_are_counted_with_their_first_locations():
     assert stats["suspicious"] == {
         "empty_answer": {"count": 3, "first": ["raw/a.jsonl:1", "raw/b.jsonl:2", "raw/b.jsonl:3"]},
         "no_user_turn": {"count": 1, "first": ["raw/b.jsonl:1"]},
-        "long_record": {"count": 1, "first": ["raw/a.jsonl:2"]}}
+        "long_record": {"count": 1, "first": ["raw/a.jsonl:2"]},
+        "ends_on_user_turn": {"count": 1, "first": ["raw/b.jsonl:3"]}}
     assert stats["fields_dropped"] == {"source": {"count": 1, "first": ["raw/a.jsonl:2"]}}  # null lang: nothing lost
     skipped, stats = run("raw", empty_answers="skip")
     assert len(skipped) == 3 and stats["records_skipped"] == 3

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from conftest import unmarked
 from test_render import ALPACA_NO_INPUT, CHAT, CHATML_SEGMENTS, in_tmp, jsonl, run, texts, write  # noqa: F401
 
 from stages.lib.base.errors import UserError
@@ -52,7 +53,7 @@ def test_parquet_instruction_columns_render_like_jsonl():
 def test_parquet_messages_column_renders_as_chat():
     write_parquet("raw/c.parquet", [{"messages": CHAT, "id": 1}, {"messages": CHAT[1:3], "id": 2}])
     records, stats = run("raw/c.parquet")
-    assert records[0]["segments"] == CHATML_SEGMENTS and records[0]["kind"] == "chat"
+    assert unmarked(records[0]["segments"]) == CHATML_SEGMENTS and records[0]["kind"] == "chat"
     assert stats["formats"] == {"raw/c.parquet": "chat"} and stats["fields_dropped"]["id"]["count"] == 2
 
 
@@ -173,7 +174,7 @@ def test_jsonl_lines_that_are_bare_lists_of_messages_are_conversations_each_coun
     records, stats = run("raw/c.jsonl", on_error="skip")
     assert stats["records_read"] == 128 and stats["records_skipped"] == 13 and len(records) == 115
     assert [s["line"] for s in stats["skipped"]] == [i + 1 for i in range(128) if i % 10 == 3]
-    assert records[0]["segments"][1] == {"text": "0<|im_end|>", "response": True}
+    assert unmarked(records[0]["segments"])[1] == {"text": "0<|im_end|>", "response": True}
     assert stats["formats"] == {"raw/c.jsonl": "chat"}
 
 

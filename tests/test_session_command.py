@@ -1,12 +1,14 @@
 """The session command's parts that need no training: params.yaml edited in place, which changes are DVC's, the
 push speed remembered, and what a failed step says (the whole day runs in test_daily_session.py)."""
 
+import re
+import shutil
 import subprocess
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from dvc_helpers import REPO
+from dvc_helpers import REPO, configure_git, run
 
 from stages import session as command
 from stages.lib.base.params import load_params
@@ -95,13 +97,53 @@ def test_a_failed_data_push_leaves_the_commit_undone_and_says_how_to_finish(tmp_
     assert calls == ["dvc push"] and not Path(day.log).exists()
 
 
-def test_a_failed_git_push_says_the_session_is_safe_here(tmp_path, monkeypatch):
-    calls = []
-    fake_commands(monkeypatch, "git push", calls)
-    day = a_day_after_training(tmp_path, monkeypatch)
-    with pytest.raises(command.StepFailed, match=r"the session is committed here and its data is pushed\. To finish "
-                       r"by hand: git pull --rebase && git push"):
-        day.push_commit()
+def forked_machines(tmp_path, monkeypatch) -> tuple[command.Day, Path]:
+    """Machine y committed a session while machine x pushed another one to the same bare remote (real git); the
+    test runs in y, whose Day is returned with the remote's folder."""
+    run(tmp_path, "git", "init", "-q", "--bare", "-b", "main", "remote.git")
+    for name in ("x", "y"):
+        run(tmp_path, "git", "clone", "-q", "remote.git", name)
+        configure_git(tmp_path / name)
+    seed = tmp_path / "x"
+    (seed / "dvc.lock").write_text("stages: {}\n")
+    run(seed, "git", "add", "-A")
+    run(seed, "git", "commit", "-q", "-m", "project")
+    run(seed, "git", "push", "-q", "-u", "origin", "main")
+    run(tmp_path / "y", "git", "pull", "-q")
+    run(tmp_path / "y", "git", "branch", "-q", "--set-upstream-to=origin/main")
+    for name, step in (("x", 4), ("y", 6)):
+        (tmp_path / name / "dvc.lock").write_text(f"stages: {{train: {{step: {step}}}}}\n")
+        run(tmp_path / name, "git", "commit", "-q", "-am", f"Session 2: steps 2 -> {step} of 8")
+    run(seed, "git", "push", "-q")
+    monkeypatch.chdir(tmp_path / "y")
+    day = command.Day(Namespace(steps=2, minutes=None))
+    day.upstream, day.git_remote, day.summary = "origin/main", "origin", "Session 2: steps 2 -> 6 of 8"
+    return day, tmp_path / "remote.git"
+
+
+def test_a_rejected_git_push_puts_the_session_on_a_branch_and_both_ways_on_continue_cleanly(tmp_path, monkeypatch,
+                                                                                           capsys):
+    day, remote = forked_machines(tmp_path, monkeypatch)
+    day.push_commit()
+    out = capsys.readouterr().out
+    branch = day.session_branch
+    assert re.fullmatch(r"sessions/[A-Za-z0-9._-]+-\d{8}-\d{6}", branch)
+    assert run(remote, "git", "log", "-1", "--format=%s", "main") == "Session 2: steps 2 -> 4 of 8\n"
+    assert run(remote, "git", "log", "-1", "--format=%s", branch) == "Session 2: steps 2 -> 6 of 8\n"
+    assert f"- origin/{branch}: this session (Session 2: steps 2 -> 6 of 8)" in out
+    assert "never merge them" in out
+    theirs_line, mine_line = [line.strip() for line in out.splitlines() if line.startswith("    git ")]
+    assert theirs_line.endswith("&& dvc pull")  # what the other line needs besides git: its data
+    shutil.copytree(Path.cwd(), tmp_path / "y-other-line")
+    for way, where in ((theirs_line.removesuffix(" && dvc pull"), tmp_path / "y-other-line"), (mine_line, Path.cwd())):
+        for part in way.split(" && "):  # each way leaves a clean tree: no merge, no conflict
+            run(where, *part.split())
+        assert run(where, "git", "status", "--porcelain") == ""
+    assert run(tmp_path / "y-other-line", "git", "log", "-1", "--format=%s") == "Session 2: steps 2 -> 4 of 8\n"
+    # This session's line made the remote's main; the other session is kept on a branch of its own.
+    assert run(remote, "git", "log", "-1", "--format=%s", "main") == "Session 2: steps 2 -> 6 of 8\n"
+    kept = [b for b in run(remote, "git", "branch", "--format=%(refname:short)").split() if "replaced" in b]
+    assert run(remote, "git", "log", "-1", "--format=%s", kept[0]) == "Session 2: steps 2 -> 4 of 8\n"
 
 
 def test_arguments_are_checked():

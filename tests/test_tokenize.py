@@ -103,7 +103,8 @@ def test_decoding_train_bin_gives_back_each_document(corpus, tmp_path):
                                      "sha256": hashlib.sha256(b"").hexdigest(),
                                      "mask_sha256": hashlib.sha256(b"").hexdigest(),
                                      "documents_with_prompt": 0, "documents_without_loss": 0,
-                                     "document_tokens": {"median": 0, "p99": 0, "max": 0}, "longest_documents": []}
+                                     "document_tokens": {"median": 0, "p99": 0, "max": 0}, "longest_documents": [],
+                                     "special_token_text": {"documents": 0, "first": []}}
 
 
 def test_mask_covers_exactly_the_responses_and_their_eos(corpus, tmp_path):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,53 @@ def test_a_user_error_in_the_workers_is_printed_once_and_fails_the_launcher(tmp_
     assert done.returncode == 1
     assert done.stderr.count("error: train.resume = require") == 1, done.stderr
     assert "ChildFailedError" not in done.stderr
+
+
+FAILS_ON_RANK_1 = """
+import os
+import time
+import torch
+from stages.lib.base.errors import UserError
+from stages.lib.modeling.loss import LossModule
+from stages.train import main
+
+FAULTS = {
+    "user-error": lambda: UserError("the data of step 3 cannot be read (a fault made for this test)"),
+    "out-of-memory": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+}
+if os.environ["RANK"] == "1":  # its third training forward pass fails, in the middle of step 3
+    original, calls = LossModule.forward, []
+
+    def failing(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:
+                open("failed-at", "w").write(str(time.monotonic()))
+                raise FAULTS[os.environ["FAULT"]]()
+        return original(self, *args, **kwargs)
+    LossModule.forward = failing
+main()
+"""
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("user-error", "error (on process 1): the data of step 3 cannot be read"),
+    ("out-of-memory", "error (on process 1): cpu ran out of memory during the session"),
+])
+def test_a_failure_on_rank_1_mid_step_stops_rank_0_at_once_and_rank_0_shows_it_once(tmp_path, fault, message):
+    root = make_workspace(tmp_path)
+    write_params(root, **{**TWO_PROCESSES, **LONG_RUN})
+    (root / "fails.py").write_text(FAILS_ON_RANK_1)
+    torchrun = subprocess.Popen([*TORCHRUN[:-2], "fails.py"], cwd=root, env={**stage_env(), "FAULT": fault},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = torchrun.communicate(timeout=90)  # without the failure watch: the 30-minute collective timeout
+    ended = time.monotonic()
+    assert torchrun.returncode != 0
+    assert stderr.count(message) == 1, stderr[-3000:]
+    assert stderr.count("(a fault made for this test)" if fault == "user-error" else "ran out of memory") == 1
+    failed_at = float((root / "failed-at").read_text())
+    assert ended - failed_at < 15  # torchrun's own shutdown included; rank 0 is stopped within the watch's poll
+    assert [step for step, _ in read_tsv(root, "train/loss")] == [1, 2]  # rank 0 never finished step 3
 
 
 def test_a_global_batch_other_processes_cannot_keep_is_an_error_naming_settings_that_would():

@@ -358,3 +358,33 @@ def test_precision_and_device_choices_on_a_cpu_only_machine(monkeypatch):
     with pytest.raises(UserError,
                        match=r"cuda. was asked for \(train\.device or --device\), but torch sees no CUDA GPU"):
         pick_device("cuda")
+
+
+def test_val_loss_is_scored_on_the_same_samples_whatever_the_sessions_batch_size(tmp_path):
+    root = make_workspace(tmp_path)
+    # A learning rate too small to move any weight: both sessions score the same weights.
+    run = {"lr": 1e-30, "min_lr": 0.0, "total_step_budget": 4, "eval_every": 2, "eval_batches": 2}
+    session(root, steps_today=2, batch_size=4, grad_accum=2, **run)
+    session(root, batch_size=2, grad_accum=4, **run)  # the same global batch of 8, in smaller batches
+    losses = read_tsv(root, "val/loss")
+    assert [step for step, _ in losses] == [2, 4]
+    assert float(losses[1][1]) == pytest.approx(float(losses[0][1]), rel=1e-6, abs=0)
+
+
+@pytest.mark.slow  # inductor's first compile on a CPU: over a minute (160 s measured on a busy 2-core machine)
+def test_a_compiled_run_trains_saves_and_resumes_with_the_eager_models_names(tmp_path):
+    # inductor compiles on the CPU (with the machine's C compiler): the path train.compile takes on a GPU.
+    eager = make_workspace(tmp_path / "eager")
+    session(eager, total_step_budget=4)
+    compiled = make_workspace(tmp_path / "compiled")
+    for day in range(2):
+        result = session(compiled, total_step_budget=4, steps_today=2, compile=True)
+        assert (result.start_step, result.end_step) == (2 * day, 2 * day + 2)
+    for folder in ("checkpoints/step-00000004", "models/tiny"):
+        ours, theirs = (load_file(root / folder / "model.safetensors") for root in (compiled, eager))
+        assert ours.keys() == theirs.keys() and not any("_orig_mod" in name for name in ours)
+        for name, value in ours.items():  # compiled kernels round differently: close, not bitwise
+            torch.testing.assert_close(value, theirs[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert [step for step, _ in read_tsv(compiled, "train/loss")] == [1, 2, 3, 4]
+    assert [float(v) for _, v in read_tsv(compiled, "train/loss")] == pytest.approx(
+        [float(v) for _, v in read_tsv(eager, "train/loss")], rel=1e-4)

@@ -44,7 +44,8 @@ def _positive() -> dict:
 
 @dataclass
 class FieldNames:
-    """The names a data file uses for our fields; empty: our own name (and, for chat, the usual alternatives)."""
+    """The names a data file uses for our fields; empty: our own name (and, for chat, the usual alternatives).
+    A dotted name (`answer_generation.train_messages`) is a path into nested objects."""
 
     text: str = ""  # plain text records (default `text`)
     instruction: str = ""  # instruction data (defaults `instruction`, `input`, `output`)
@@ -91,6 +92,8 @@ class RenderParams:
     on_error: Literal["stop", "skip"] = "stop"
     workers: int | str = _param("auto", "'auto' or a whole number >= 1",
                                 lambda v: v == "auto" or (type(v) is int and v >= 1))
+    records_field: str = ""  # a JSON file holding one object: the key of its list of records (e.g. data)
+    max_record_mb: float = _param(64.0, **_positive())  # a longer line or JSON element is a bad record
 
 
 @dataclass
@@ -202,6 +205,8 @@ class TrainParams:
                                         lambda v: v == "auto" or (type(v) in (int, float) and v >= 0))
     save_every: int = _param(100, **_at_least(1))
     eval_every: int = _param(50, **_at_least(1))
+    # Validation scores eval_batches x the run's global batch (batch_size x grad_accum x processes) fixed samples,
+    # the same in every session of a run whatever its batch_size, so val/loss stays comparable.
     eval_batches: int = _param(8, **_at_least(1))
     log_every: int = _param(10, **_at_least(1))  # a plain log line every N steps when the output is not a terminal
     seed: int = _param(1337, **_at_least(0))
@@ -374,6 +379,18 @@ def _check_across_sections(params: Params, source: str) -> None:
                          f"(train.model_name = {train.model_name!r}): every session would replace its own base. "
                          f"Copy the model to continue from (cp -r {train.init_from} models/{train.model_name}-base) "
                          "and point train.init_from there, or give this run another train.model_name")
+    for key, value, off in (("quantize", train.lora.quantize, "none"),
+                            ("train_embeddings", train.lora.train_embeddings, False)):
+        if value != off and not train.lora.r:
+            raise ParamError(f"{source}: train.lora.{key} = {value!r} applies to LoRA adapters, but train.lora.r is "
+                             f"0 (a full fine-tune); set train.lora.r (e.g. 16) or train.lora.{key}: {off}")
+    if train.lora.quantize != "none" and train.strategy == "fsdp":
+        raise ParamError(f"{source}: train.lora.quantize = {train.lora.quantize!r} holds the base in 4 bits, which "
+                         "train.strategy = fsdp cannot shard; use train.strategy: ddp (each process holds the "
+                         "4-bit base whole)")
+    if train.optimizer == "adamw8bit" and train.strategy == "fsdp":
+        raise ParamError(f"{source}: train.optimizer = 'adamw8bit' keeps block-wise 8-bit state that "
+                         "train.strategy = fsdp cannot shard; use train.strategy: ddp, or train.optimizer: adamw")
     if train.objective == "dpo" and not train.init_from:
         raise ParamError(f"{source}: train.objective = 'dpo' tunes a trained model against itself as the reference, "
                          "but train.init_from is empty; set it to the model to tune (the base, or the export of an "

@@ -1,10 +1,10 @@
 """Content hashes of big input files (a pretrained model's weights), computed once and reused while unchanged.
 
-A run that continues a pretrained model is defined by what its weight files hold, not by the folder's path: the
-same folder given as a relative or an absolute path, or copied to another machine, is the same run, and new weights
-under the same path are a new run. Hashing several GB takes a while, so each file's sha256 is kept in a small cache
-beside the workspace (`.stepwise-cache/hashes.json`, git-ignored), keyed by its resolved path, size and
-modification time: a session start hashes again only what changed.
+A run that continues a pretrained model is defined by what its weight files hold, not by the folder's path: the same
+folder given as a relative or an absolute path, or copied to another machine, is the same run, and new weights under the
+same path are a new run. Hashing several GB takes a while, so each file's sha256 is kept in a small cache at the
+project's top folder (`.stepwise-cache/hashes.json`, git-ignored; stages/lib/base/project_root.py), keyed by its
+resolved path, size and modification time: a session start hashes again only what changed.
 """
 
 import hashlib
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from stages.lib.base.files import write_atomically
+from stages.lib.base.project_root import at_root
 from stages.lib.modeling.model_folders import check_model_folder
 
 CACHE_FILE = Path(".stepwise-cache") / "hashes.json"
@@ -21,8 +22,9 @@ MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bi
 BLOCK = 16 << 20
 
 
-def model_digest(folder: str | Path, cache_file: Path = CACHE_FILE) -> str:
+def model_digest(folder: str | Path, cache_file: Path | None = None) -> str:
     """One sha256 over the config and weight files of a model folder (names and contents), cached per file."""
+    cache_file = at_root(CACHE_FILE) if cache_file is None else cache_file
     check_model_folder(str(folder))
     folder = Path(folder)
     files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})

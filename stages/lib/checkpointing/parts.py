@@ -6,9 +6,12 @@ functions, and nothing in it is a pickle:
 - or, when the model trains LoRA adapters on a frozen base (stages/lib/modeling/lora.py), `adapters`:
   `adapters.safetensors`, the adapter tensors alone (megabytes where the base is gigabytes: the base is
   train.init_from, fingerprinted by its content); state.json's `model_tensors` says which of the two it holds;
-- `optimizer`: `optimizer.safetensors` (every state tensor, named `<parameter index>.<name>`) and
-  `optimizer.json` (the parameter groups and any state that is not a tensor);
-- `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA);
+- `optimizer`: `optimizer.safetensors` (every state tensor, named `<parameter index>.<name>`; state an optimizer
+  nests, as bitsandbytes' 8-bit AdamW nests its quantized moments, `<parameter index>.<outer>.<name>`) and
+  `optimizer.json` (the parameter groups and any state that is not a tensor, named alike);
+- `rng`: `rng.json`, every random generator's state (Python `random`, NumPy, torch CPU and CUDA) of rank 0 (of the
+  one process), and `rng-rank<r>.json` each other process's own (stages/lib/checkpointing/rng.py; a process with no
+  file of its own, as in checkpoints saved before they had them, takes rank 0's);
 - `scaler`: `scaler.json`, fp16's loss scale and the run's count of skipped steps (stages/lib/modeling/precision.py;
   absent from checkpoints of sessions with no loss scaler);
 - `logs`: `live/`, the DVCLive logs as of this step, so a session resuming from this checkpoint gets back the rows
@@ -35,8 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stages.lib.base.errors import UserError
-from stages.lib.checkpointing import live_logs
-from stages.lib.checkpointing.rng import rng_state, set_rng_state
+from stages.lib.checkpointing import live_logs, rng
 from stages.lib.distributed import full_state
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so finding checkpoints stays fast
@@ -151,11 +153,15 @@ def read_adapters(folder: Path, version: int = FORMAT_VERSION) -> dict[str, torc
 def _write_optimizer(state: dict, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
-    tensors, values = {}, {}
+    tensors, values, stored = {}, {}, set()
     for index, entries in state["state"].items():
-        for name, value in entries.items():
+        for name, value in _flattened(entries):
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.contiguous()
+                tensor = value.contiguous()
+                if tensor.numel() and tensor.untyped_storage().data_ptr() in stored:
+                    tensor = tensor.clone()  # one tensor in many states (8-bit AdamW's quantization map): each its own
+                stored.add(tensor.untyped_storage().data_ptr())
+                tensors[f"{index}.{name}"] = tensor
             else:
                 values[f"{index}.{name}"] = value
     save_file(tensors, str(folder / "optimizer.safetensors"))
@@ -170,12 +176,24 @@ def _read_optimizer(folder: Path, version: int) -> dict:
     layout = _reading(folder / "optimizer.json", _read_json)
     state: dict[int, dict] = {}
     for key, value in [*tensors.items(), *layout["values"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, *outer, name = key.split(".")
+        entries = state.setdefault(int(index), {})
+        for level in outer:
+            entries = entries.setdefault(level, {})
+        entries[name] = value
     # JSON has no tuples: the betas of AdamW come back as lists, which its state dict holds as a tuple.
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
               for group in layout["param_groups"]]
     return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def _flattened(entries: dict, prefix: str = ""):
+    """(dotted name, value) for each value of one parameter's optimizer state, nested dicts included."""
+    for name, value in entries.items():
+        if isinstance(value, dict):
+            yield from _flattened(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name, value
 
 
 def _read_pickled_optimizer(path: Path) -> dict:
@@ -207,6 +225,19 @@ def _restore_scaler(t: Trainee, state: dict | None) -> None:
         t.scaler.load_state_dict(state)
 
 
+def _write_rng(states: list, folder: Path) -> None:
+    for rank, state in enumerate(states):
+        _write_json(state, folder / rng.rank_file(rank), indent=None)
+
+
+def _read_rng(folder: Path, version: int) -> list:
+    return [_reading(folder / rng.rank_file(rank), _read_json) for rank in range(rng.saved_ranks(folder))]
+
+
+def _restore_rng(t: Trainee, states: list | None) -> None:
+    rng.set_rng_state(rng.state_for_rank(t.world.share(states), t.world.rank))
+
+
 def _restore_logs(t: Trainee, snapshot: Path | None) -> None:
     # The workspace logs behind this checkpoint (restored older by `dvc exp run`): take the snapshot's instead.
     if t.world.is_main and snapshot is not None and live_logs.restore_logs(snapshot, t.live_dir):
@@ -223,10 +254,7 @@ PARTS = (
     Part("optimizer", ("optimizer.safetensors", "optimizer.json"),
          lambda t: full_state.gather_optimizer(t.parallel, t.optimizer, t.world), _write_optimizer, _read_optimizer,
          _restore_optimizer),
-    Part("rng", ("rng.json",), lambda t: rng_state() if t.world.is_main else None,
-         lambda data, folder: _write_json(data, folder / "rng.json", indent=None),
-         lambda folder, version: _reading(folder / "rng.json", _read_json),
-         lambda t, data: set_rng_state(t.world.share(data))),
+    Part("rng", (rng.RANK_0_FILE,), lambda t: t.world.gather(rng.rng_state()), _write_rng, _read_rng, _restore_rng),
     Part("scaler", (), lambda t: t.scaler.state_dict() if t.world.is_main and t.scaler else None,
          _write_scaler, _read_scaler, _restore_scaler),
     Part("logs", (), lambda t: t.live_dir if t.world.is_main else None,

@@ -14,13 +14,17 @@ killed or crashed before DVC recorded it. A session that ends normally under DVC
 naming its last checkpoint, which DVC then records. So when the recovery copy is newer than the checkpoint in
 `train.checkpoint_dir`:
 - it wins when no such note names it: its session never ended normally under DVC (a crash, a kill, a preemption,
-  a session run by hand), so DVC's older checkpoint is only what `dvc exp run` restored;
+  a session run by hand), so DVC's older checkpoint is only what `dvc exp run` restored; a note DVC's cache does not
+  confirm counts as none (a kill after the stage's end, while DVC hashed its outputs:
+  stages/lib/checkpointing/dvc_record.py);
 - the checkpoint in `train.checkpoint_dir` wins when the note names the recovery copy: DVC recorded that newer
   checkpoint, so an older one in its place was restored on purpose (`git checkout` + `dvc checkout`,
   `dvc exp apply`).
 
 One writer at a time: a session holds `.checkpoint-recovery.lock` while it may write checkpoints; a second session
-fails at once, naming the process that holds it.
+fails at once, naming the process that holds it. Both live at the project's top folder
+(stages/lib/base/project_root.py), so a `dvc exp run --temp` or `--queue` run, in a copy of the project DVC deletes
+afterwards, recovers like a run in the workspace.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from stages.lib.base.files import exclusive_lock, fresh_folder, publish_folder, write_atomically
+from stages.lib.base.project_root import at_root
+from stages.lib.checkpointing.dvc_record import dvc_cache, recorded_in_cache
 from stages.lib.checkpointing.parts import Checkpoint, Unreadable, capture, read_state, write
 
 if TYPE_CHECKING:
@@ -57,6 +63,11 @@ class Found:
         return self.recorded == {"step": checkpoint.step, "fingerprint": checkpoint.state["fingerprint"]}
 
 
+def default_recovery_dir() -> Path:
+    """The recovery folder at the project's top folder (see the module docstring)."""
+    return at_root(RECOVERY_DIR)
+
+
 def folder_name(step: int) -> str:
     """`step-00000600` for step 600 (zero-padded so folders sort by step)."""
     return f"{PREFIX}{step:08d}"
@@ -74,7 +85,36 @@ def find(checkpoint_dir: Path, recovery_dir: Path) -> Found:
             if path.is_dir():
                 state = read_state(path)
                 found.setdefault((state["step"], state["fingerprint"]), Checkpoint(path, state))
-    return Found(sorted(found.values(), key=lambda c: c.step, reverse=True), _read_recorded(Path(recovery_dir)))
+    checkpoints = sorted(found.values(), key=lambda c: c.step, reverse=True)
+    return Found(checkpoints, _confirmed(_read_recorded(Path(recovery_dir)), checkpoints))
+
+
+def _confirmed(recorded: dict | None, checkpoints: list[Checkpoint]) -> dict | None:
+    """The note that DVC recorded a checkpoint, when DVC's cache confirms it (or there is no cache to ask)."""
+    cache = dvc_cache()
+    named = [c for c in checkpoints if recorded == {"step": c.step, "fingerprint": c.state["fingerprint"]}]
+    if recorded is None or cache is None or not named:
+        return recorded
+    return recorded if any(recorded_in_cache(c.path, cache) for c in named) else None
+
+
+class States:
+    """The state.json of each checkpoint folder one piece of work looks at (a save, bringing a copy back), read and
+    checked once: a save looks at the same folders several times (is it there, mirror it, prune around it, find the
+    extension point), and each read parses state.json and every safetensors header of the folder."""
+
+    def __init__(self, known: dict[Path, dict] | None = None):
+        self._read = {Path(path): state for path, state in (known or {}).items()}
+
+    def __call__(self, folder: Path) -> dict:
+        folder = Path(folder)
+        if folder not in self._read:
+            self._read[folder] = read_state(folder)
+        return self._read[folder]
+
+    def forget(self, folder: Path) -> None:
+        """`folder` was replaced or removed: read it again if asked."""
+        self._read.pop(Path(folder), None)
 
 
 def save(checkpoint_dir: Path, recovery_dir: Path, trainee: Trainee, state: dict) -> dict | None:
@@ -90,54 +130,62 @@ def save(checkpoint_dir: Path, recovery_dir: Path, trainee: Trainee, state: dict
 def _publish(checkpoint_dir: Path, recovery_dir: Path, captured: dict, state: dict) -> Path:
     name = folder_name(state["step"])
     final = checkpoint_dir / name
-    if not _holds(final, state):  # the same step of the same run saved twice holds the same state: keep the first
+    states = States()
+    if not _holds(final, state, states):  # the same step of the same run saved twice holds the same state: keep it
         if final.exists():
-            read_state(final)  # another run's checkpoint of this step is replaced; an unreadable one stops here
+            states(final)  # another run's checkpoint of this step is replaced; an unreadable one stops here
         tmp = fresh_folder(checkpoint_dir / f"{TMP_PREFIX}{name}")
         write(tmp, captured, state)
         _before_publish(tmp)
         publish_folder(tmp, final)
-    mirror(final, recovery_dir)
+        states.forget(final)
+    mirror(final, recovery_dir, states)
     for folder in (checkpoint_dir, recovery_dir):
-        prune(folder, keep=name, also_keep=extension_point(folder, state))
+        prune(folder, keep=name, also_keep=extension_point(folder, state, states), states=states)
     return final
 
 
-def _holds(path: Path, state: dict) -> bool:
+def _holds(path: Path, state: dict, states: States) -> bool:
     """Whether `path` is a readable checkpoint of the same step of the same run as `state`.
 
     The same folder name can hold another run's checkpoint (DVC restores the committed run's step 2 while a new run
     saves its own step 2), which is then replaced, not kept.
     """
+    if not path.exists():
+        return False
     try:
-        found = read_state(path)
+        found = states(path)
     except Unreadable:
         return False
     return (found["step"], found["fingerprint"]) == (state["step"], state["fingerprint"])
 
 
-def mirror(checkpoint: Path, folder: Path) -> Path:
+def mirror(checkpoint: Path, folder: Path, states: States | None = None) -> Path:
     """Put a copy of `checkpoint` into `folder` (hardlinks where possible), atomically; return its path there."""
+    states = states or States()
     target = Path(folder) / checkpoint.name
-    if _holds(target, read_state(checkpoint)):
+    if _holds(target, states(checkpoint), states):
         return target
     tmp = Path(folder) / f"{TMP_PREFIX}{checkpoint.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     copy_tree(checkpoint, tmp)
     if target.exists():
-        read_state(target)  # an unreadable folder of the same name stops here rather than being replaced
+        states(target)  # an unreadable folder of the same name stops here rather than being replaced
     publish_folder(tmp, target)
+    states.forget(target)
     return target
 
 
 def bring_back(checkpoint: Checkpoint, checkpoint_dir: Path) -> Checkpoint:
     """The recovery copy `checkpoint` put back where DVC records it, the older checkpoint there removed."""
-    restored = Checkpoint(mirror(checkpoint.path, checkpoint_dir), checkpoint.state)
-    prune(checkpoint_dir, keep=restored.path.name, also_keep=extension_point(checkpoint_dir, checkpoint.state))
+    states = States({checkpoint.path: checkpoint.state})
+    restored = Checkpoint(mirror(checkpoint.path, checkpoint_dir, states), checkpoint.state)
+    prune(checkpoint_dir, keep=restored.path.name, also_keep=extension_point(checkpoint_dir, checkpoint.state, states),
+          states=states)
     return restored
 
 
-def prune(folder: Path, keep: str, also_keep: str | None = None) -> None:
+def prune(folder: Path, keep: str, also_keep: str | None = None, states: States | None = None) -> None:
     """Remove from `folder` every readable checkpoint but `keep` (and `also_keep`), and this code's leftovers.
 
     A folder that cannot be read is never removed (its state may be the only copy of someone's work): it raises.
@@ -150,7 +198,7 @@ def prune(folder: Path, keep: str, also_keep: str | None = None) -> None:
         if path.name in (keep, also_keep) or not path.is_dir():
             continue
         if path.name.startswith(PREFIX):
-            read_state(path)
+            (states or read_state)(path)
             doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")
             shutil.rmtree(doomed, ignore_errors=True)
             os.replace(path, doomed)
@@ -160,12 +208,12 @@ def prune(folder: Path, keep: str, also_keep: str | None = None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def extension_point(folder: Path, state: dict) -> str | None:
+def extension_point(folder: Path, state: dict, states: States | None = None) -> str | None:
     """The folder name of the newest checkpoint in `folder` saved where its run's learning-rate decay began (state
     `pre_decay`, see stages/lib/training/schedule.py) of the same run as `state`, no newer than it: a longer budget
     continues the run exactly from there (stages/lib/training/decision.py), so pruning keeps it beside the latest."""
     for path in sorted(Path(folder).glob(f"{PREFIX}*"), reverse=True) if Path(folder).is_dir() else []:
-        found = read_state(path)
+        found = (states or read_state)(path)
         if found.get("pre_decay") and found.get("run") == state.get("run") and found["step"] <= state["step"]:
             return path.name
     return None

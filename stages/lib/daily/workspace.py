@@ -8,12 +8,15 @@
 - `set_train_values`: train.* values written into params.yaml in place, its comments and layout kept (a params.yaml
   changed only there, as an interrupted session leaves it, counts as the command's, not the user's);
 - the sessions log, `<train.out_dir>/sessions.jsonl`: one line per session the command ran (date, machine, steps,
-  time, push size and time), committed with it, so the next session on any machine knows the last push speed.
+  time, push size and time, DVC's commit of the outputs, the evaluate stage's time), committed with it, so the next
+  session on any machine knows what to keep back under a time limit.
 """
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +28,16 @@ from stages.lib.base.files import write_atomically
 SESSIONS_LOG = "sessions.jsonl"
 SESSION_KEYS = ("steps_today", "minutes_today")  # the train.* values the command writes into params.yaml
 TEMPLATE = re.compile(r"\$\{([^}]+)\}")
+TIMED_OUT = 124  # the return code of a command stopped at its timeout (as timeout(1) has it)
+INTERRUPT_GRACE = 5  # seconds a command interrupted at its timeout has to stop before it is killed
 
 
-def sh(*command: str, env: dict | None = None, quiet: bool = False, shown: str = "") -> subprocess.CompletedProcess:
+def sh(*command: str, env: dict | None = None, quiet: bool = False, shown: str = "",
+       timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run a command in the repository; its output goes to the terminal unless `quiet` (then it is captured).
 
-    `shown`: how to print the command, when the real one is too long to read (a commit message).
+    `shown`: how to print the command, when the real one is too long to read (a commit message). `timeout`: seconds
+    after which the command and every process it started are interrupted (return code TIMED_OUT).
     """
     if not quiet:
         print(f"$ {shown or ' '.join(command)}", flush=True)
@@ -41,9 +48,29 @@ def sh(*command: str, env: dict | None = None, quiet: bool = False, shown: str =
     env["PATH"] = f"{tools}{os.pathsep}{env.get('PATH', '')}"
     real = (sys.executable, "-m", "dvc", *command[1:]) if command[0] == "dvc" else command
     try:
+        if timeout is not None:
+            return _run_with_timeout(real, env, timeout)
         return subprocess.run(real, env=env, text=True, capture_output=quiet, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         return subprocess.CompletedProcess(command, 127, "", f"{command[0]}: command not found\n")
+
+
+def _run_with_timeout(command: tuple, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` in a process group of its own; past `timeout`, interrupt the group as Ctrl-C would (DVC then
+    releases its locks and leaves dvc.lock as it was), and kill it if it is still there after a grace period."""
+    process = subprocess.Popen(command, env=env, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return subprocess.CompletedProcess(command, process.wait(timeout=max(timeout, 0.1)))
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGINT, INTERRUPT_GRACE), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return subprocess.CompletedProcess(command, TIMED_OUT)
 
 
 def output_of(*command: str) -> str | None:
@@ -62,14 +89,18 @@ def changed_files(untracked: bool = False) -> list[str]:
     return paths
 
 
-def pipeline_outputs(dvc_yaml: Path = Path("dvc.yaml"), params_yaml: Path = Path("params.yaml")) -> list[str]:
-    """Every path dvc.yaml names as a stage output, metric or plot, with `${section.key}` filled in from params."""
+def pipeline_outputs(dvc_yaml: Path = Path("dvc.yaml"), params_yaml: Path = Path("params.yaml"),
+                     stage: str | None = None) -> list[str]:
+    """Every path dvc.yaml names as a stage output, metric or plot (of `stage` alone when given), with
+    `${section.key}` filled in from params."""
     pipeline = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
     params = yaml.safe_load(params_yaml.read_text(encoding="utf-8")) or {}
     names = []
-    for stage in (pipeline.get("stages") or {}).values():
+    for name, entries in (pipeline.get("stages") or {}).items():
+        if stage is not None and name != stage:
+            continue
         for kind in ("outs", "metrics", "plots"):
-            names += [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage.get(kind, [])]
+            names += [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries.get(kind, [])]
     return [TEMPLATE.sub(lambda m: str(_lookup(params, m.group(1))), name).rstrip("/") for name in names]
 
 
@@ -159,13 +190,29 @@ def append_session(log: Path, record: dict) -> None:
     write_atomically(log, text + json.dumps(record, sort_keys=True) + "\n")
 
 
-def last_push_speed(records: list[dict]) -> float | None:
-    """Bytes per second of the latest push the log measured."""
+def last_push_speed(records: list[dict], key: str = "push") -> float | None:
+    """Bytes per second of the latest push the log measured (`key` "dvc_commit": of DVC's commit after the stage)."""
     for record in reversed(records):
-        push = record.get("push") or {}
+        push = record.get(key) or {}
         if push.get("bytes") and push.get("seconds"):
             return push["bytes"] / push["seconds"]
     return None
+
+
+def last_evaluate_seconds(records: list[dict]) -> tuple[float, bool] | None:
+    """How long the latest evaluate stage the log measured took, and whether it finished (False: it was stopped at
+    the command's time limit, so it takes longer)."""
+    for record in reversed(records):
+        if (record.get("evaluate") or {}).get("seconds"):
+            return float(record["evaluate"]["seconds"]), bool(record["evaluate"].get("finished", True))
+    return None
+
+
+def update_last_session(log: Path, values: dict) -> None:
+    """Add `values` to the log's latest record (written as a new file)."""
+    records = read_sessions(log)
+    records[-1].update(values)
+    write_atomically(log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def say(text: str) -> None:

@@ -42,9 +42,11 @@ template that mentions `tool_calls`.
 """
 
 import json
+import re
 from typing import Any
 
 from stages.lib.base.errors import UserError
+from stages.lib.tokenizing.records import CONTROL_KEY
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -128,9 +130,12 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def segment(text: str, response: bool) -> dict:
-    """One segment in the records format."""
-    return {"text": text, "response": response}
+def segment(text: str, response: bool, control: list | None = None) -> dict:
+    """One segment in the records format; `control`: the [start, end) ranges of its text the template wrote as
+    special tokens (stages/lib/tokenizing/special_tokens.py), kept when not None."""
+    if control is None:
+        return {"text": text, "response": response}
+    return {"text": text, "response": response, CONTROL_KEY: [list(pair) for pair in control]}
 
 
 def _chatml_message(message: dict) -> str:
@@ -145,13 +150,17 @@ def _chatml_content(message: dict) -> str:
 
 
 def _chatml_segments(messages: list[dict]) -> list[dict]:
+    """ChatML segments, its tags marked as control text (a message's own text may spell them: that stays data)."""
+    start, end = [(0, len(CHATML_START))], lambda at: [(at, at + len(CHATML_END))]
     parts = []
     for message in messages:
+        content = _chatml_content(message)
         if message["role"] == "assistant":
-            parts += [(f"{CHATML_START}assistant\n", False), (f"{_chatml_content(message)}{CHATML_END}", True),
-                      ("\n", False)]
+            parts += [(f"{CHATML_START}assistant\n", False, start), (f"{content}{CHATML_END}", True, end(len(content))),
+                      ("\n", False, [])]
         else:
-            parts.append((_chatml_message(message), False))
+            head = f"{CHATML_START}{message['role']}\n"
+            parts.append((f"{head}{content}{CHATML_END}\n", False, start + end(len(head) + len(content))))
     return _join(parts)
 
 
@@ -160,6 +169,80 @@ def _json(value: Any) -> str:
 
 
 def _tokenizer_segments(messages: list[dict], tokenizer: Any, tools: list | None = None) -> list[dict]:
+    """The template's segments, each special token it wrote marked as control text.
+
+    When the conversation's own text spells a special token, the template is applied to a copy where each such
+    token is a placeholder character, so that every special token in its output is the template's; the
+    placeholders are then put back. A template that does not give the same text that way (it inspects or
+    rewrites the text) has every special token in its output marked, as before control marks existed.
+    """
+    specials = _special_texts(tokenizer)
+    table = _placeholders(specials, messages, tools)
+    if not table:
+        return _marked(_plain_tokenizer_segments(messages, tokenizer, tools), specials, {})
+    defused = _plain_tokenizer_segments(_replaced(messages, table), tokenizer, _replaced(tools, table))
+    marked = _marked(defused, specials, {char: text for text, char in table.items()})
+    text, full = "".join(s["text"] for s in marked), _apply(tokenizer, messages, generation_prompt=False, tools=tools)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    if full == text or (eos and full == text + eos):  # the closing EOS is dropped from the segments
+        return marked
+    return _marked(_plain_tokenizer_segments(messages, tokenizer, tools), specials, {})
+
+
+def _special_texts(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens' texts (its added tokens marked special), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return sorted({t.content for t in added.values() if t.special and t.content}, key=len, reverse=True)
+
+
+def _placeholders(specials: list[str], messages: list[dict], tools: list | None) -> dict[str, str]:
+    """Special token text -> a private-use character the conversation does not hold, for each special token the
+    conversation's text spells; {} when it spells none (nearly always)."""
+    every = _json([messages, tools])
+    spelled = [text for text in specials if text in every]
+    if not spelled:
+        return {}
+    free = (chr(c) for c in range(0xE000, 0xF900) if chr(c) not in every)
+    return {text: next(free) for text in spelled}
+
+
+def _replaced(value: Any, table: dict[str, str]) -> Any:
+    """`value` (messages, tools) with every string's special token texts replaced as `table` says, longest first."""
+    if isinstance(value, str):
+        for text, char in table.items():
+            value = value.replace(text, char)
+        return value
+    if isinstance(value, list):
+        return [_replaced(v, table) for v in value]
+    if isinstance(value, dict):
+        return {k: _replaced(v, table) for k, v in value.items()}
+    return value
+
+
+def _marked(segments: list[dict], specials: list[str], back: dict[str, str]) -> list[dict]:
+    """The segments with each special token in their text marked as control text, and the placeholder characters
+    of `back` turned back into the text they stand for. Every chat record carries the mark, empty when none."""
+    pattern = re.compile("|".join(map(re.escape, [*specials, *back]))) if specials or back else None
+    out = []
+    for s in segments:
+        text, control, pieces, shift, at = s["text"], [], [], 0, 0
+        for m in pattern.finditer(text) if pattern else ():
+            pieces.append(text[at:m.start()])
+            if m.group() in back:
+                pieces.append(back[m.group()])
+                shift += len(back[m.group()]) - 1
+            else:
+                pieces.append(m.group())
+                control.append((m.start() + shift, m.end() + shift))
+            at = m.end()
+        pieces.append(text[at:])
+        out.append(segment("".join(pieces), s["response"], control or None))
+    if out and not any(CONTROL_KEY in s for s in out):
+        out[0][CONTROL_KEY] = []
+    return out
+
+
+def _plain_tokenizer_segments(messages: list[dict], tokenizer: Any, tools: list | None = None) -> list[dict]:
     full = _apply(tokenizer, messages, generation_prompt=False, tools=tools)
     eos = getattr(tokenizer, "eos_token", None) or ""
     parts, done = [], 0
@@ -197,16 +280,22 @@ def _drop_final_eos(segments: list[dict], eos: str) -> list[dict]:
     return segments
 
 
-def _join(parts: list[tuple[str, bool]]) -> list[dict]:
-    """Segments from (text, response) pieces: neighbouring prompt pieces merged, empty prompt pieces dropped."""
+def _join(parts: list[tuple]) -> list[dict]:
+    """Segments from (text, response) or (text, response, control ranges) pieces: neighbouring prompt pieces
+    merged, empty prompt pieces dropped."""
     segments: list[dict] = []
-    for text, response in parts:
+    for text, response, *marks in parts:
+        control = marks[0] if marks else None
         if not response and not text:
             continue
         if not response and segments and not segments[-1]["response"]:
-            segments[-1]["text"] += text
+            last = segments[-1]
+            if control:
+                last.setdefault(CONTROL_KEY, []).extend([a + len(last["text"]), b + len(last["text"])]
+                                                        for a, b in control)
+            last["text"] += text
         else:
-            segments.append(segment(text, response))
+            segments.append(segment(text, response, control or None))
     return segments
 
 

@@ -8,9 +8,10 @@ or in several.
   template; ChatML or the HuggingFace tokenizer's chat template for chat data (loaded once per process, when first
   needed). A tokenizer template that has no place for tools gets none (the `tools` field is counted as dropped); one
   that cannot render tool calls makes such a conversation a bad record.
-- Bad records stop the stage unless render.on_error: skip; suspicious ones are counted: an empty answer (text,
-  output, or an assistant turn with neither text nor tool calls, or no assistant turn at all), a conversation with
-  no user turn, more characters than render.long_record_chars.
+- Bad records stop the stage unless render.on_error: skip; suspicious ones are counted: an empty answer (output,
+  or an assistant turn with neither text nor tool calls, or no assistant turn at all), a conversation with no user
+  turn, a conversation ending on a user turn (that turn is kept, as context with nothing to learn), more characters
+  than render.long_record_chars. An empty plain text document is dropped, and counted.
 - Preference pairs (render.format: preference, or records with chosen and rejected) are read and rendered by
   stages/lib/ingest/preference.py.
 """
@@ -25,7 +26,7 @@ from stages.lib.ingest import chat_templates as templates
 from stages.lib.ingest.fields import Mapping, Read, detect_kind, read_chat, read_instruction, read_text, unknown_shape
 from stages.lib.ingest.pieces import Piece
 from stages.lib.ingest.preference import flag_pair, read_preference, render_pair
-from stages.lib.ingest.readers import Location, RecordError
+from stages.lib.ingest.readers import TOO_DEEP, Location, RecordError
 from stages.lib.ingest.sources import Source
 from stages.lib.ingest.tally import Stats
 from stages.lib.tokenizing.loading import load_tokenizer_folder
@@ -67,8 +68,13 @@ def render_record(where: Location, item: Any, piece: Piece, ctx: Context, stats:
     except RecordError as err:
         _bad_record(where, str(err), render, stats)
         return None
+    except RecursionError:  # a record nested deeper than Python's own limit, caught here whatever tripped on it
+        _bad_record(where, TOO_DEEP, render, stats)
+        return None
     characters, at = sum(len(s["text"]) for s in segments), str(where)
-    if _flag(kind, read, characters, at, render, stats) and render.empty_answers == "skip":
+    if _flag(kind, read, characters, at, render, stats) and kind == "text":
+        return None  # an empty document: nothing to train on, counted by _flag
+    if _flag_answers(kind, read, at, stats) and render.empty_answers == "skip":
         stats.skip({**where.as_json(), "problem": "empty answer (render.empty_answers: skip)"})
         return None
     stats.dropped(read.dropped + list(piece.dropped) if piece.dropped else read.dropped, at)
@@ -120,10 +126,20 @@ def _segments(kind: str, read: Read, file: str, chooser: "TemplateChooser") -> t
 
 
 def _flag(kind: str, read: Read, characters: int, where: str, render: RenderParams, stats: Stats) -> bool:
-    """Count what is suspicious about a record; True when its answer is empty."""
+    """Count an empty plain text document (True) or a long record."""
+    if kind == "text" and _blank(read.value):
+        stats.flag("empty_document", where)
+        return True
+    if render.long_record_chars and characters > render.long_record_chars:
+        stats.flag("long_record", where)
+    return False
+
+
+def _flag_answers(kind: str, read: Read, where: str, stats: Stats) -> bool:
+    """Count what is suspicious about a record's turns; True when its answer is empty."""
     if kind == "text":
-        empty = _blank(read.value)
-    elif kind == "instruction":
+        return False
+    if kind == "instruction":
         empty = _blank(read.value[2])
     elif kind == "preference":
         empty = flag_pair(read.value, where, stats)
@@ -132,10 +148,10 @@ def _flag(kind: str, read: Read, characters: int, where: str, render: RenderPara
         empty = not answers or any(_blank(m["content"]) and not m.get("tool_calls") for m in answers)
         if not any(m["role"] == "user" for m in read.value):
             stats.flag("no_user_turn", where)
+        if read.value[-1]["role"] == "user":
+            stats.flag("ends_on_user_turn", where)
     if empty:
         stats.flag("empty_answer", where)
-    if render.long_record_chars and characters > render.long_record_chars:
-        stats.flag("long_record", where)
     return empty
 
 

@@ -124,17 +124,19 @@ def read_text(record: Any, m: Mapping) -> Read:
     if isinstance(record, str):
         return Read(record, [])
     key = _need(record, m.text, "text data")
-    return Read(_string(record[key], f"field '{key}'"), _dropped(record, {key}))
+    return Read(_string(field_value(record, key), f"field '{key}'"), _dropped(record, {key}))
 
 
 def read_instruction(record: Any, m: Mapping) -> Read:
     """(instruction, input, output) of an instruction record; a missing or null input is empty."""
     instruction, output = _need(record, m.instruction, "instruction data"), _need(record, m.output, "instruction data")
     given = _first(record, m.input)
-    values = (_string(record[instruction], f"field '{instruction}'"),
-              _string(record[given], f"field '{given}'") if given else "",
-              _string(record[output], f"field '{output}'"))
+    values = (_string(field_value(record, instruction), f"field '{instruction}'"),
+              _string(field_value(record, given), f"field '{given}'") if given else "",
+              _string(field_value(record, output), f"field '{output}'"))
     used = (instruction, given, output)
+    if any("." in k for k in used if k):  # a dotted path: the record's own key is its first part
+        used = tuple(_own_key(record, k) for k in used)
     return Read(values, [k for k, v in record.items() if v is not None and k not in used] if len(record) > 2 else [])
 
 
@@ -144,9 +146,9 @@ def read_chat(record: Any, m: Mapping) -> Read:
         key, turns, dropped, tools = "messages", record, [], None
     else:
         key = _need(record, m.messages, "chat data")
-        turns = record[key]
+        turns = field_value(record, key)
         tools_key = _first(record, m.tools)
-        tools = _tools(record[tools_key], tools_key) if tools_key else None
+        tools = _tools(field_value(record, tools_key), tools_key) if tools_key else None
         dropped = _dropped(record, {key, tools_key})
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"field '{key}' should be a non-empty list of messages, got {json_type(turns)}")
@@ -256,10 +258,43 @@ def _tools(value: Any, key: str) -> list | None:
 
 
 def _first(record: dict, names: tuple[str, ...]) -> str | None:
-    """The first of `names` the record has (with a value that is not null)."""
+    """The first of `names` the record has (with a value that is not null); a dotted name is a path into it."""
     for name in names:  # a loop, not next() over a generator: this runs several times per record
-        if record.get(name) is not None:
+        if record.get(name) is not None or ("." in name and field_value(record, name) is not None):
             return name
+    return None
+
+
+def field_value(record: dict, name: str) -> Any:
+    """The value of field `name`: a key of the record, or a dotted path into nested objects (`a.b.c`)."""
+    value = record.get(name)
+    if value is not None or "." not in name or name in record:
+        return value
+    value = record
+    for key in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def with_field(record: dict, name: str, value: Any) -> dict:
+    """A copy of the record with field `name` (a key or a dotted path) set to `value`; the record is unchanged."""
+    if name in record or "." not in name:
+        return {**record, name: value}
+    head, rest = name.split(".", 1)
+    return {**record, head: with_field(record[head], rest, value)}
+
+
+def conversation_list(record: Any, m: Mapping) -> tuple[str, list] | None:
+    """(field, conversations) when a record's messages field holds a list of conversations (lists of messages),
+    which render as one record each; None for a record of one conversation or of another kind."""
+    if not isinstance(record, dict):
+        return None
+    key = _first(record, m.messages)
+    turns = field_value(record, key) if key else None
+    if isinstance(turns, list) and turns and all(isinstance(t, list) for t in turns):
+        return key, turns
     return None
 
 
@@ -279,7 +314,14 @@ def _string(value: Any, what: str) -> str:
 
 
 def _dropped(record: dict, used: set) -> list[str]:
+    if any(k and "." in k for k in used):
+        used = {_own_key(record, k) for k in used}
     return [k for k, v in record.items() if k not in used and v is not None]
+
+
+def _own_key(record: dict, name: str | None) -> str | None:
+    """The record's own key a field is read from (the first part of a dotted path)."""
+    return name if name is None or name in record or "." not in name else name.split(".", 1)[0]
 
 
 def lf(text: str) -> str:

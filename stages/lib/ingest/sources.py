@@ -7,6 +7,7 @@ the tokenize stage turns the mixture into training documents is in stages/lib/to
 """
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +55,14 @@ def sources_of(render: RenderParams) -> list["Source"]:
 
 
 def find_files(data_path: str, key: str) -> list[Path]:
-    """The data files a path names (a file, a folder's data files, or a glob's matches), in sorted order."""
+    """The data files a path names (a file, the data files in a folder and its subfolders, or a glob's matches), in
+    sorted order; hidden files and folders (a name starting with '.') are left out."""
     path = Path(data_path)
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file() and is_data_file(p)]
+        files = _data_files_under(path)
         if not files:
-            raise UserError(f"{key} = {data_path!r} is a folder with no data file in it (.txt, .json, .jsonl or "
-                            ".parquet, the text ones also as .gz or .zst)")
+            raise UserError(f"{key} = {data_path!r} is a folder with no data file in it or its subfolders (.txt, "
+                            ".json, .jsonl or .parquet, the text ones also as .gz or .zst)")
     elif path.is_file():
         files = [path]
     elif any(c in data_path for c in "*?["):
@@ -71,6 +73,15 @@ def find_files(data_path: str, key: str) -> list[Path]:
         raise UserError(f"{key} = {data_path!r} does not exist; set it to a file, a folder or a glob of your raw "
                         "data (relative to the repository root)")
     return sorted(files, key=lambda p: p.as_posix())
+
+
+def _data_files_under(folder: Path) -> list[Path]:
+    """The data files in a folder and its subfolders, hidden ones (.git, .cache, .DS_Store, ...) left out."""
+    files = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # not walked into at all
+        files += [Path(root, name) for name in names if not name.startswith(".")]
+    return [p for p in files if p.is_file() and is_data_file(p)]
 
 
 def is_data_file(path: Path) -> bool:

@@ -2,8 +2,8 @@
 
 Counts are kept per piece of work and merged in order, so they are the same with one process or many. Besides
 the records read, written and skipped, every suspicious record is counted with its first few locations: empty
-answers, conversations without a user turn, records longer than render.long_record_chars, and the fields that
-were dropped, by name.
+answers, conversations without a user turn or ending on one, empty documents (dropped), records longer than
+render.long_record_chars, and the fields that were dropped, by name.
 """
 
 from dataclasses import dataclass, field
@@ -14,6 +14,8 @@ SUSPICIOUS = {
     "empty_answer": "empty answers (nothing to learn but EOS; render.empty_answers: skip drops them)",
     "no_user_turn": "conversations without a user turn",
     "long_record": "records longer than render.long_record_chars",
+    "ends_on_user_turn": "conversations ending on a user turn (kept as context, with no answer to learn)",
+    "empty_document": "empty documents (plain text with nothing in it, dropped)",
     "identical_answers": "preference pairs whose chosen and rejected answers are the same",
     "prompts_differ": "preference pairs whose chosen and rejected transcripts disagree on the prompt (the chosen "
                       "one's is used)",

@@ -21,10 +21,11 @@ PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2"
 
 
 def build_model(train: TrainParams, vocab_size: int, special_ids: dict,
-                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The run's model as it is before any training (same seed, same weights); `dtype`: a pretrained model's."""
+                dtype: torch.dtype = torch.float32, **load_options) -> PreTrainedModel:
+    """The run's model as it is before any training (same seed, same weights); `dtype` and `load_options`: a
+    pretrained model's (see `pretrained_model`)."""
     if train.init_from:
-        model = pretrained_model(train.init_from, vocab_size, train.seq_len, train.seed, dtype)
+        model = pretrained_model(train.init_from, vocab_size, train.seq_len, train.seed, dtype, **load_options)
     else:
         model = new_model(train.model, vocab_size, special_ids, train.seed)
     set_special_ids(model, special_ids)
@@ -72,16 +73,17 @@ def scale_residual_init(model: PreTrainedModel, n_layer: int) -> None:
 
 
 def pretrained_model(folder: str, vocab_size: int, seq_len: int, seed: int,
-                     dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
+                     dtype: torch.dtype | str = torch.float32, **load_options) -> PreTrainedModel:
     """A pretrained model to fine-tune from a local folder, its vocabulary grown to the tokenizer's if smaller.
 
     `dtype`: what the weights are held in, converted as they load (a 16-bit folder is never first made a full fp32
     copy): fp32 for weights that train, which are the master weights in every precision mode; a base that stays
     frozen (LoRA) needs only the 16 bits its passes compute in; "auto": the dtype its files hold.
+    `load_options`: more arguments of from_pretrained, such as a 4-bit base's (stages/lib/modeling/lora.py).
     """
     check_model_folder(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **load_options)
     except Exception as err:  # transformers raises many kinds (bad config, missing or damaged weights, unknown type)
         raise UserError(f"train.init_from = {folder!r}: transformers cannot load a causal language model from it "
                         f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]}). Check that the folder "
@@ -106,12 +108,17 @@ def pick_document_attention(model: PreTrainedModel, device: torch.device, autoca
     running bf16 or fp16, the variable-length kernel attends within each document only, computing nothing for the
     masked blocks (batches are then flattened into one row, as that kernel wants: see stages/lib/modeling/loss.py).
     """
-    from transformers.utils import is_flash_attn_2_available
-    flash = (device.type == "cuda" and autocast_dtype in (torch.bfloat16, torch.float16)
-             and is_flash_attn_2_available() and getattr(model, "_supports_flash_attn", False))
-    if flash:
+    if flash_attention_for_documents(device, autocast_dtype) and getattr(model, "_supports_flash_attn", False):
         model.set_attn_implementation("flash_attention_2")
     return model.config._attn_implementation
+
+
+def flash_attention_for_documents(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether packed documents can go through the flash-attention varlen kernel here (a GPU computing in 16 bits
+    with the flash-attention package): no sequence x sequence mask then (what the memory plan counts otherwise)."""
+    from transformers.utils import is_flash_attn_2_available
+    return (device.type == "cuda" and autocast_dtype in (torch.bfloat16, torch.float16)
+            and is_flash_attn_2_available())
 
 
 def keeps_documents_apart(model: PreTrainedModel) -> bool:

@@ -18,6 +18,7 @@ from stages.lib.base.devices import pick_device
 from stages.lib.base.errors import UserError
 from stages.lib.base.params import RENDERED_DIR
 from stages.lib.ingest import chat_templates as templates
+from stages.lib.modeling import lora
 from stages.lib.modeling.precision import inference_dtype
 from stages.lib.tokenizing.records import templates_used
 
@@ -36,7 +37,8 @@ def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: s
     """Load an exported model folder and its tokenizer with from_pretrained; return (model, tokenizer).
 
     A LoRA adapter exported alone (train.export: adapter) loads on its base, from the path its adapter_config.json
-    records, through transformers' PEFT integration.
+    records, through transformers' PEFT integration; one that trained the embeddings on the base grown to its
+    vocabulary (stages/lib/modeling/lora.py).
     """
     model_dir = Path(model_dir)
     adapter = model_dir / "adapter_config.json"
@@ -46,7 +48,10 @@ def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: s
     torch_device = pick_device(device)
     hf_logging.disable_progress_bar()  # a bar per weight file is noise here
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        if adapter.is_file() and lora.trains_embeddings(adapter):
+            model = lora.adapter_on_its_base(model_dir, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except OSError as err:
         if not adapter.is_file():
             raise

@@ -10,11 +10,18 @@ With `train.lora.r` > 0 (the base is `train.init_from`):
   from the run's seed, B (out x r) zeros, so training starts exactly from the base. Everything else is frozen and
   held in the session's compute dtype (fp32 on a CPU, bf16 or fp16 on a GPU: `base_dtype`); the adapters are fp32,
   so their gradients and AdamW state are too.
+- QLoRA (`train.lora.quantize: nf4`): the frozen base's linear layers are loaded in 4 bits through bitsandbytes, as
+  transformers and PEFT do it (BitsAndBytesConfig: NormalFloat 4, double quantization, compute in the session's
+  dtype); the embeddings, norms and output head stay in the compute dtype, the adapters and their optimizer state
+  in fp32. Only the session holds 4-bit weights: the exports rebuild the base from its files (below), so a merged
+  export is the base as its files hold it plus the adapters, never weights rounded to 4 bits.
 - The adapters are the model's parameters that require a gradient, under the model's own state-dict names
   (`model.layers.0.self_attn.q_proj.lora_A.default.weight`): what the checkpoint's `adapters` part holds
   (stages/lib/checkpointing/parts.py), never the base.
-- The growing of a vocabulary (a tokenizer larger than the base's embeddings) would add embedding rows that stay
-  random and frozen: a UserError instead.
+- Continued pretraining (`train.lora.train_embeddings`): the input embeddings and the output head train too, as
+  PEFT's modules_to_save (a trained fp32 copy beside the frozen original; one copy for tied embeddings), and are
+  saved with the adapters. A tokenizer larger than the base's embeddings then grows them (new rows drawn from the
+  run's seed); without train_embeddings the new rows would stay random and frozen: a UserError instead.
 - Exports (`train.export`, written by stages/lib/modeling/export.py): `trained_model` rebuilds the base on the CPU in
   the dtype its files hold, with the trained adapters; `save_adapter` writes PEFT's layout (adapter_config.json,
   adapter_model.safetensors) that `PeftModel.from_pretrained(base, folder)` loads, the base's path recorded as
@@ -22,6 +29,7 @@ With `train.lora.r` > 0 (the base is `train.init_from`):
   HuggingFace model.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,7 +39,8 @@ from stages.lib.base.params import LoraParams, TrainParams
 from stages.lib.modeling.families import pretrained_model, set_special_ids, transformer_blocks
 
 ADAPTER = "default"  # PEFT's adapter name: it appears in the state-dict names, never in an export
-LINEAR_TYPES = ("Linear", "Conv1D")  # torch's, and GPT-2's transposed one (PEFT's fan_in_fan_out)
+# torch's, GPT-2's transposed one (PEFT's fan_in_fan_out), and bitsandbytes' 4-bit one (train.lora.quantize)
+LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit")
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the model's names in adapter_model.safetensors
 
 
@@ -81,16 +90,31 @@ def base_dtype(train: TrainParams, autocast_dtype: torch.dtype | None) -> torch.
     return (autocast_dtype or torch.float32) if train.lora.r else torch.float32
 
 
+def base_load_options(lora_params: LoraParams, autocast_dtype: torch.dtype | None, device: torch.device) -> dict:
+    """What `from_pretrained` needs besides the dtype to hold the frozen base as train.lora.quantize says: for nf4,
+    bitsandbytes' 4-bit config, the base quantized as it loads straight onto `device` (never a 16-bit copy there)."""
+    if lora_params.quantize == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=autocast_dtype or torch.float32)
+    if device.type == "cuda" and device.index is None:  # the device map wants the card by its number
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
 def check_vocabulary(train: TrainParams, vocab_size: int) -> None:
-    """A UserError when the tokenizer has more tokens than the base has embeddings (see the module docstring)."""
+    """A UserError when the tokenizer has more tokens than the base has embeddings and they do not train (see the
+    module docstring)."""
     from transformers import AutoConfig
     base = AutoConfig.from_pretrained(train.init_from).vocab_size
-    if vocab_size > base:
+    if vocab_size > base and not train.lora.train_embeddings:
         raise UserError(f"train.lora.r = {train.lora.r}: the tokenizer (data/tokenizer) has {vocab_size} tokens but "
                         f"the base model in {train.init_from} has embeddings for {base}; a LoRA keeps the "
                         "embeddings frozen, so the new tokens would never learn. Use the base model's own tokenizer "
-                        "(tokenizer.tokenizer_type: huggingface, tokenizer.tokenizer_path: the model's folder), or "
-                        "a full fine-tune (train.lora.r: 0), which trains the new rows")
+                        "(tokenizer.tokenizer_type: huggingface, tokenizer.tokenizer_path: the model's folder), "
+                        "train the embeddings too (train.lora.train_embeddings: true), or a full fine-tune "
+                        "(train.lora.r: 0), which trains the new rows")
 
 
 def checked_plan_settings(train: TrainParams, vocab_size: int, shape) -> dict:
@@ -113,10 +137,39 @@ def add_adapters(model: torch.nn.Module, lora: LoraParams) -> torch.nn.Module:
     transposed = any(type(m).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in targets
                      for name, m in model.named_modules())
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        fan_in_fan_out=transposed, bias="none", task_type="CAUSAL_LM")
+                        fan_in_fan_out=transposed, bias="none", task_type="CAUSAL_LM",
+                        **(_embeddings_to_train(model) if lora.train_embeddings else {}))
+    same_4bit_passes_everywhere(model)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # PEFT freezes everything but the adapters
     cast_adapter_dtype(model, adapter_name=ADAPTER)  # fp32 adapters on a 16-bit base
+    for module in _trained_copies(model):
+        module.float()  # the trained embeddings and head too: fp32 master weights
     return model
+
+
+def _embeddings_to_train(model: torch.nn.Module) -> dict:
+    """LoraConfig's settings that train the input embeddings and the output head (PEFT's modules_to_save, matched
+    by the last part of their names); tied ones stay one tensor."""
+    wanted = {model.get_input_embeddings(), model.get_output_embeddings()} - {None}
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in wanted})
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    return {"modules_to_save": names, "ensure_weight_tying": tied}
+
+
+def _trained_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The trained copies of whole modules (embeddings, head) that PEFT's modules_to_save put beside the originals."""
+    from peft.utils import ModulesToSaveWrapper
+    return [m.modules_to_save[ADAPTER] for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def same_4bit_passes_everywhere(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on one path in training and evaluation alike: on CPUs with AVX512-bf16 it
+    repacks a layer's weights in place for its first pass without gradients and then computes it in bf16, so the
+    validation loss would depend on the CPU and the layer's layout on whether it was evaluated."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def adapter_names(model: torch.nn.Module) -> set[str]:
@@ -151,9 +204,33 @@ def save_adapter(model: torch.nn.Module, folder: Path, base_model: str) -> None:
     config = copy.copy(model.peft_config[ADAPTER])
     config.base_model_name_or_path, config.inference_mode = base_model, True
     config.save_pretrained(str(folder))
-    tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    save_file({PEFT_PREFIX + name: t.detach().contiguous() for name, t in sorted(tensors.items())},
+    # The trained embeddings and head are in it as modules_to_save; tied ones appear under both names, each stored.
+    tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+    save_file({PEFT_PREFIX + name: t.detach().clone().contiguous() for name, t in sorted(tensors.items())},
               str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def trains_embeddings(adapter_config: Path) -> bool:
+    """Whether the adapter of this adapter_config.json carries trained embeddings and head (modules_to_save)."""
+    return bool(json.loads(Path(adapter_config).read_text(encoding="utf-8")).get("modules_to_save"))
+
+
+def adapter_on_its_base(folder: Path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """An adapter export with trained embeddings on its base (the path its config records), the base's
+    embeddings first grown to the adapter's vocabulary, as the session grew them (the trained rows replace them)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"],
+                                                trust_remote_code=trust_remote_code)
+    name = next(n for n, m in base.named_modules() if m is base.get_input_embeddings())
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), "pt") as f:
+        rows = f.get_slice(f"{PEFT_PREFIX}{name}.weight").get_shape()[0]
+    if rows > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(rows, mean_resizing=False)
+    return PeftModel.from_pretrained(base, str(folder))
 
 
 def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,11 +239,17 @@ def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     if not hasattr(model, "peft_config"):
         return model
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
+        if isinstance(module, ModulesToSaveWrapper):  # the trained embeddings or head, in the base's dtype
+            plain = module.modules_to_save[ADAPTER].to(module.original_module.weight.dtype)
+        elif isinstance(module, BaseTunerLayer):
             module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
+            plain = module.get_base_layer()
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
     del model.peft_config
     return model

@@ -12,6 +12,10 @@
 
 A skipped step is still a step: its batch is consumed, and the learning rate and data position of every later step
 stay functions of the step number, exactly as in an uninterrupted run. Skipped steps are counted over the run.
+An overflow in the forward pass (weights or activations beyond fp16's largest value, 65,504: a base trained in bf16,
+or a frozen 16-bit base) is past what any loss scale fixes: every step is skipped. So a session gives up (`gives_up`)
+after 20 skipped steps in a row, or once more than 2% of its steps after its first 100 (the scale settles in those)
+were skipped, counted over at least 100 steps; it saves a checkpoint and says what to try.
 
 Master weights and optimizer state are fp32 in every mode; precision only changes how forward and backward passes
 compute, so it is a session setting that may change between sessions (fp16 on a T4 today, bf16 on an A100
@@ -101,6 +105,34 @@ def inference_dtype(weights: torch.dtype, capability: tuple[int, int] | None) ->
     return weights
 
 
+GIVE_UP_IN_A_ROW = 20  # skipped steps in a row after which fp16 stops the session
+GIVE_UP_SHARE = 0.02  # or this share of the steps skipped, counted after the session's first SETTLING_STEPS
+SETTLING_STEPS = 100
+
+
+def gives_up(in_a_row: int, session_steps: int, skipped_after_settling: int) -> str | None:
+    """Why fp16 stops the session (None: it goes on), from the skipped steps in a row, the steps the session made
+    and the steps skipped among those after its first SETTLING_STEPS."""
+    if in_a_row >= GIVE_UP_IN_A_ROW:
+        return f"the last {in_a_row} steps were all skipped"
+    counted = session_steps - SETTLING_STEPS
+    if counted >= SETTLING_STEPS and skipped_after_settling > GIVE_UP_SHARE * counted:
+        return (f"{skipped_after_settling} of the {counted} steps after the session's first {SETTLING_STEPS} were "
+                f"skipped (more than {GIVE_UP_SHARE:.0%})")
+    return None
+
+
+def overflow_message(why: str, step: int) -> str:
+    """What a session that gave up on fp16 says: why, what it kept, and what to try."""
+    return (f"fp16 cannot train this model: {why}, their gradients inf or nan whatever the loss scale (now down to "
+            "its floor), so the session learned nothing and stopped. The usual cause is an overflow in the forward "
+            "pass, which no loss scale fixes: weights or activations beyond fp16's largest value (65,504), as in a "
+            f"base trained in bf16. The checkpoint at step {step} holds the run as it was. Try, in this order: "
+            "train.precision: bf16 on a GPU that has it (compute capability 8.0 or later: A100, L4, H100, RTX 30xx "
+            "and later); train.precision: fp32 (slower, twice the activation memory); a lower train.lr if the loss "
+            "rose before the skips began")
+
+
 class LossScaler:
     """fp16's dynamic loss scaling around the optimizer step, and the run's count of skipped steps.
 
@@ -116,6 +148,7 @@ class LossScaler:
             self.grad_scaler = torch.amp.GradScaler(device_type, enabled=enabled)
         self.enabled = enabled
         self.skipped_steps = 0  # over the whole run, restored from the checkpoint
+        self.skipped_in_a_row = 0  # this session's latest steps, all skipped
         self._kept: dict = {}  # the checkpoint's scaler state, kept while this session does not scale
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -143,6 +176,7 @@ class LossScaler:
             optimizer.step()
         self.grad_scaler.update()  # from the inf checks `unscale` recorded: back off, or count a clean step
         self.skipped_steps += not taken
+        self.skipped_in_a_row = 0 if taken else self.skipped_in_a_row + 1
         return taken
 
     def current_scale(self) -> float | None:

@@ -224,10 +224,11 @@ def describe_samples(facts: dict, seq_len: int) -> str:
 
 
 def split_samples(tokens_dir: Path, split: str, seq_len: int, packing: str, seed: int | None,
-                  required: bool, max_tokens: int = 0) -> Samples | None:
+                  required: bool, max_tokens: int = 0, meta: dict | None = None) -> Samples | None:
     """The samples of one split of the token files (`packing`: stream or documents; `seed` None for validation),
-    of its first `max_tokens` tokens only when that is > 0; None (or, when `required`, an error) when there is none."""
-    ids, mask, starts = read_split(tokens_dir, split)
+    of its first `max_tokens` tokens only when that is > 0; None (or, when `required`, an error) when there is none.
+    `meta`: the token folder's meta.json, when the caller has read it."""
+    ids, mask, starts = read_split(tokens_dir, split, meta)
     if max_tokens:
         ids, mask, starts = ids[:max_tokens], mask[:max_tokens], starts[starts < max_tokens]
     kind = PackedDocuments if packing == "documents" else StreamWindows
@@ -316,9 +317,11 @@ class TrainBatches:
         return DataCursor(seen, epoch, position, begun, self.samples.documents)
 
 
-def validation_batches(samples: Samples, batch_size: int, n_batches: int) -> list[Batch]:
-    """A fixed set of up to `n_batches` validation batches: samples spread evenly over the split, same every time."""
-    wanted = min(samples.count, batch_size * n_batches)
+def validation_batches(samples: Samples, count: int, batch_size: int) -> list[Batch]:
+    """A fixed set of up to `count` validation samples spread evenly over the split, the same every time, cut into
+    batches of `batch_size`: which samples does not depend on the batch size, so val/loss stays comparable between
+    sessions that score them in batches of different sizes."""
+    wanted = min(samples.count, count)
     if wanted == 0:
         return []
     chosen = np.unique(np.linspace(0, samples.count - 1, wanted).round().astype(np.int64))

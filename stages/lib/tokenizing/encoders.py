@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from stages.lib.base.workers import available_cores
+from stages.lib.tokenizing.special_tokens import SpecialTokens, added_tokens
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Digits(individual_digits=True) then GPT-2's pattern, as one pattern: every digit alone, and a run of spaces
@@ -41,6 +43,7 @@ class Encoded(NamedTuple):
     ids: np.ndarray  # every document's ids, each followed by EOS, back to back (int64)
     lengths: np.ndarray  # tokens per document, its EOS included
     offsets: dict  # document index -> (tokens, 2) character offsets of its tokens (EOS excluded)
+    spelled: dict = {}  # document index -> the special tokens its data spells (encoded as text), for the summary
 
 
 class TokenizersEncoder:
@@ -48,19 +51,45 @@ class TokenizersEncoder:
 
     name = "tokenizers"
 
-    def __init__(self, backend: Any):
+    def __init__(self, backend: Any, special: SpecialTokens | None = None):
         self.backend = backend
+        self.special = special if special is not None else SpecialTokens(added_tokens(backend))
+        self._as_text = None  # a copy of the backend that reads special tokens as text, made when first needed
 
-    def encode(self, texts: list[str], eos_id: int, offsets_for: list[int]) -> Encoded:
-        """Encode documents; character offsets for those in `offsets_for`."""
+    def encode(self, texts: list[str], eos_id: int, offsets_for: list[int],
+               control: list | None = None) -> Encoded:
+        """Encode documents; character offsets for those in `offsets_for`. `control`: each document's control
+        ranges (stages/lib/tokenizing/special_tokens.py); None: special tokens are matched anywhere."""
+        spelled = _spelled(self.special, texts, control)
         # Offsets cost time and memory; only documents mixing prompt and response text need them.
         encode = self.backend.encode_batch if offsets_for else self.backend.encode_batch_fast
         encodings = encode(texts, add_special_tokens=False)
         id_lists = [enc.ids for enc in encodings]
+        offsets = {i: encodings[i].offsets for i in offsets_for}
+        for i in spelled:  # rare: encoded again, cut at the template's special tokens
+            id_lists[i], piece_offsets = self._pieces(texts[i], control[i])
+            if i in offsets:
+                offsets[i] = piece_offsets
         lengths = np.fromiter((len(ids) + 1 for ids in id_lists), np.int64, count=len(id_lists))
         ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(id_lists, repeat((eos_id,))))), np.int64,
                           count=int(lengths.sum()))
-        return Encoded(ids, lengths, {i: encodings[i].offsets for i in offsets_for})
+        return Encoded(ids, lengths, offsets, spelled)
+
+    def _pieces(self, text: str, control: list) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and offsets of a document whose data spells special tokens: those read as text."""
+        if self._as_text is None:
+            self._as_text = Tokenizer.from_str(self.backend.to_str())
+            self._as_text.encode_special_tokens = True
+        ids, offsets = [], []
+        for piece in self.special.pieces(text, control):
+            if piece.token is not None:
+                ids.append(self.special.ids[piece.token])
+                offsets.append((piece.start, piece.end))
+                continue
+            enc = self._as_text.encode(text[piece.start:piece.end], add_special_tokens=False)
+            ids += enc.ids
+            offsets += [(a + piece.start, b + piece.start) for a, b in enc.offsets]
+        return ids, offsets
 
 
 class TiktokenEncoder:
@@ -69,12 +98,15 @@ class TiktokenEncoder:
     name = "tiktoken"
 
     def __init__(self, pattern: str, ranks: dict[bytes, int], specials: dict[str, int], rank_to_id: np.ndarray,
-                 eos: str):
+                 eos: str, special: SpecialTokens | None = None):
         import tiktoken
 
         self.encoding = tiktoken.Encoding("stepwise", pat_str=pattern, mergeable_ranks=ranks,
                                           special_tokens=specials)
         self.specials = frozenset(specials)
+        self.special_ranks = specials
+        self.special = special or SpecialTokens([{"content": s, "special": True} for s in specials])
+        self.words = frozenset(specials) - set(self.special.ids)  # added tokens that are not special: vocabulary
         self.rank_to_id = rank_to_id
         self.rank_bytes = np.zeros(len(rank_to_id), np.int64)  # bytes of text each rank stands for
         for token, rank in chain(ranks.items(), ((s.encode("utf-8"), r) for s, r in specials.items())):
@@ -83,27 +115,61 @@ class TiktokenEncoder:
         self.threads = available_cores()
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
-    def encode(self, texts: list[str], eos_id: int, offsets_for: list[int]) -> Encoded:
-        """Encode documents; character offsets for those in `offsets_for`."""
-        if any(self.eos in text for text in texts):
-            # A document holding the EOS text itself: encoded one by one, so its own EOS does not end it.
-            parts = [self._ranks(text + self.eos) for text in texts]
-            ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
-            lengths = np.array([len(p) for p in parts], np.int64)
-        else:
-            # Few large calls: the EOS between documents is split off first, as tokenizers does, so joining
-            # documents changes nothing; one call per core, since tiktoken releases the GIL while it encodes.
-            groups = [self.eos.join(group) + self.eos for group in _groups(texts, self.threads)]
-            parts = list(self.pool.map(self._ranks, groups)) if len(groups) > 1 else [self._ranks(g) for g in groups]
-            ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
-            lengths = np.diff(np.flatnonzero(ranks == self.eos_rank), prepend=-1)
+    def encode(self, texts: list[str], eos_id: int, offsets_for: list[int],
+               control: list | None = None) -> Encoded:
+        """Encode documents; character offsets for those in `offsets_for`. `control`: each document's control
+        ranges (stages/lib/tokenizing/special_tokens.py); None: special tokens are matched anywhere."""
+        spelled = _spelled(self.special, texts, control)
+        # A document holding the EOS text itself, or spelling special tokens in its data, is encoded alone; runs
+        # of the others together.
+        alone = [i for i, text in enumerate(texts) if i in spelled or self.eos in text]
+        parts, lengths, at = [], [], 0
+        for i in [*alone, len(texts)]:
+            if i > at:
+                ranks = self._together(texts[at:i])
+                parts.append(ranks)
+                lengths.append(np.diff(np.flatnonzero(ranks == self.eos_rank), prepend=-1))
+            if i < len(texts):
+                ranks = self._alone(texts[i], control[i] if i in spelled else None)
+                parts.append(ranks)
+                lengths.append(np.array([len(ranks)], np.int64))
+            at = i + 1
+        ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         starts = np.cumsum(lengths) - lengths
         offsets = {i: _char_offsets(texts[i], self.rank_bytes[ranks[starts[i]:starts[i] + lengths[i] - 1]])
                    for i in offsets_for}
-        return Encoded(self.rank_to_id[ranks], lengths, offsets)
+        return Encoded(self.rank_to_id[ranks], lengths, offsets, spelled)
+
+    def _together(self, texts: list[str]) -> np.ndarray:
+        """Ranks of documents that hold no EOS text, each followed by EOS, in few large calls.
+
+        The EOS between documents is split off first, as tokenizers does, so joining documents changes nothing;
+        one call per core, since tiktoken releases the GIL while it encodes.
+        """
+        groups = [self.eos.join(group) + self.eos for group in _groups(texts, self.threads)]
+        parts = list(self.pool.map(self._ranks, groups)) if len(groups) > 1 else [self._ranks(g) for g in groups]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+
+    def _alone(self, text: str, control: list | None) -> np.ndarray:
+        """Ranks of one document and its EOS; `control` given: its data spells special tokens, read as text."""
+        if control is None:
+            return self._ranks(text + self.eos)
+        parts = [np.array([self.special_ranks[p.token]], np.uint32) if p.token is not None else
+                 self.encoding.encode_to_numpy(text[p.start:p.end], allowed_special=self.words, disallowed_special=())
+                 for p in self.special.pieces(text, control)]
+        return np.concatenate([*parts, np.array([self.eos_rank], np.uint32)])
 
     def _ranks(self, text: str) -> np.ndarray:
         return self.encoding.encode_to_numpy(text, allowed_special=self.specials, disallowed_special=())
+
+
+def _spelled(special: SpecialTokens, texts: list[str], control: list | None) -> dict[int, list[str]]:
+    """Document index -> the special tokens its data spells, for the documents that spell any."""
+    if control is None:
+        return {}
+    found = ((i, special.spelled(text, ranges)) for i, (text, ranges) in enumerate(zip(texts, control)))
+    return {i: tokens for i, tokens in found if tokens}
 
 
 def _groups(texts: list[str], n: int) -> list[list[str]]:
@@ -132,11 +198,13 @@ def _char_offsets(text: str, token_bytes: np.ndarray) -> np.ndarray:
 
 def encoder_for(tokenizer_json: Path, backend: Any, eos: str, allow_tiktoken: bool = True) -> Any:
     """The tiktoken encoder when the tokenizer is one it runs exactly (see the module docstring), else tokenizers'."""
+    data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    special = SpecialTokens(data.get("added_tokens") or [])
     if allow_tiktoken:
-        built = _tiktoken_parts(json.loads(Path(tokenizer_json).read_text(encoding="utf-8")), eos)
+        built = _tiktoken_parts(data, eos)
         if built is not None:
-            return TiktokenEncoder(*built, eos)
-    return TokenizersEncoder(backend)
+            return TiktokenEncoder(*built, eos, special)
+    return TokenizersEncoder(backend, special)
 
 
 def _tiktoken_parts(data: dict, eos: str) -> tuple | None:

@@ -2,13 +2,15 @@
 stages read them, and generate reads which templates they used."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stages.lib.base.errors import UserError
 
 RECORDS_FILE = "records.jsonl"
 STATS_FILE = "stats.json"
+CONTROL_KEY = "control"  # a segment's control text: stages/lib/tokenizing/special_tokens.py
 
 
 @dataclass
@@ -16,11 +18,14 @@ class Document:
     """One rendered record: its whole text and the character ranges that count in the loss.
 
     An empty response segment (an empty answer) is an empty range: the answer has no text, but ending it does, so
-    the EOS after it still counts.
+    the EOS after it still counts. `control`: the character ranges the template wrote as control text, where a
+    special token may be encoded (stages/lib/tokenizing/special_tokens.py); None for a chat record from before
+    control marks.
     """
 
     text: str
     response_spans: list[tuple[int, int]]
+    control: list[tuple[int, int]] | None = field(default_factory=list)
 
     def all_response(self) -> bool:
         """True when every character is response text (plain text records)."""
@@ -78,7 +83,26 @@ def as_document(record: object) -> Document:
                 spans.append((at, at + len(text)))
         texts.append(text)
         at += len(text)
-    return Document("".join(texts), spans)
+    return Document("".join(texts), spans, control_ranges(record.get("kind"), segments))
+
+
+def control_ranges(kind: Any, segments: list[dict]) -> list[tuple[int, int]] | None:
+    """The control ranges of a record's segments, as offsets into the document's text; None for a chat record with
+    no `"control"` key on any segment (written before control marks: stages/lib/tokenizing/special_tokens.py).
+    ValueError when an entry is malformed."""
+    if kind == "chat" and not any(CONTROL_KEY in s for s in segments):
+        return None
+    ranges, at = [], 0
+    for s in segments:
+        text = s["text"]
+        for pair in s.get(CONTROL_KEY, ()):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(type(x) is int for x in pair)
+                    and 0 <= pair[0] < pair[1] <= len(text)):
+                raise ValueError(f"each \"{CONTROL_KEY}\" entry must be [start, end] character offsets inside its "
+                                 f"segment's text, got {pair!r}")
+            ranges.append((at + pair[0], at + pair[1]))
+        at += len(text)
+    return ranges
 
 
 def templates_used(rendered_dir: Path, required: bool = False) -> list[str] | None:

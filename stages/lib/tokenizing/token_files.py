@@ -6,6 +6,7 @@ the facts about document lengths and prompts that the train stage's packing and 
 """
 
 import hashlib
+import heapq
 import json
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class SplitWriter:
         self.loss_tokens = 0
         self.with_prompt = 0
         self.without_loss = 0
-        self._lengths: list[np.ndarray] = []  # 4 bytes per document, for the length figures of the summary
+        self.lengths = DocumentLengths()  # the length figures of the summary, in memory that does not grow
         self._sha = hashlib.sha256()
         self._mask_sha = hashlib.sha256()
         self._ids = open(folder / f"{split}.bin", "wb") if save_bin else None
@@ -59,9 +60,12 @@ class SplitWriter:
         self._starts = open(folder / f"{split}.docs.bin", "wb") if save_bin else None
         self._jsonl = open(folder / f"{split}.jsonl", "w", encoding="utf-8") if save_jsonl else None
 
-    def write(self, ids: np.ndarray, mask: np.ndarray, doc_lengths: np.ndarray, with_prompt: int = 0) -> None:
+    def write(self, ids: np.ndarray, mask: np.ndarray, doc_lengths: np.ndarray, with_prompt: int = 0,
+              records: np.ndarray | None = None) -> None:
         """Append documents: `ids`/`mask` are their tokens back to back (EOS included), `doc_lengths` their sizes
-        (each >= 1), `with_prompt` how many of them hold prompt text (instruction or chat)."""
+        (each >= 1), `with_prompt` how many of them hold prompt text (instruction or chat). `records`: the record
+        each document was made from, so that a record a mixture repeats (a source's weight above 1) is named once
+        among the longest; by default each document is its own."""
         ids = ids.astype(self.dtype, copy=False)
         mask = mask.astype(np.uint8, copy=False)
         doc_lengths = np.asarray(doc_lengths, np.int64)
@@ -77,7 +81,7 @@ class SplitWriter:
             self._write_jsonl(ids, mask, doc_lengths)
         if len(doc_lengths):
             self.without_loss += int(np.count_nonzero(np.add.reduceat(mask, starts, dtype=np.int64) == 0))
-        self._lengths.append(doc_lengths.astype(np.int32))
+        self.lengths.add(doc_lengths, self.documents, records)
         self.documents += len(doc_lengths)
         self.tokens += len(ids)
         self.loss_tokens += int(np.count_nonzero(mask))
@@ -98,23 +102,65 @@ class SplitWriter:
             if f is not None:
                 f.close()
 
-    def summary(self, records: np.ndarray | None = None) -> dict:
+    def summary(self) -> dict:
         """This split's entry for meta.json. `longest_documents` gives each one's index in the split; the tokenize
-        stage adds where it came from. `records`: the record each document was made from, so that a record a
-        mixture repeats (a source's weight above 1) is named once."""
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
-        longest = np.argsort(-lengths, kind="stable")
-        if records is not None:
-            _, first = np.unique(np.asarray(records)[longest], return_index=True)
-            longest = longest[np.sort(first)]
-        longest = longest[:LONGEST_KEPT]
-        figures = {"median": int(np.median(lengths)), "p99": int(np.percentile(lengths, 99, method="higher")),
-                   "max": int(lengths.max())} if len(lengths) else {"median": 0, "p99": 0, "max": 0}
+        stage adds where it came from."""
         return {"documents": self.documents, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
                 "sha256": self._sha.hexdigest(), "mask_sha256": self._mask_sha.hexdigest(),
                 "documents_with_prompt": self.with_prompt, "documents_without_loss": self.without_loss,
-                "document_tokens": figures,
-                "longest_documents": [{"index": int(i), "tokens": int(lengths[i])} for i in longest]}
+                "document_tokens": self.lengths.figures(),
+                "longest_documents": [{"index": i, "tokens": n} for n, i, _ in self.lengths.longest]}
+
+
+class DocumentLengths:
+    """Document lengths as the summary needs them, in memory that does not grow with the number of documents: how
+    many documents have each length (an exact median and 99th percentile: a split of n tokens has fewer than
+    sqrt(2n) distinct lengths), and the longest few by a streaming top-k.
+
+    The longest are ordered by length, ties by index (as a stable sort would), one per record.
+    """
+
+    def __init__(self, kept: int = LONGEST_KEPT):
+        self.kept = kept
+        self.counts: dict[int, int] = {}
+        self.longest: list[tuple[int, int, int]] = []  # (tokens, index in the split, record), longest first
+
+    def add(self, lengths: np.ndarray, first: int, records: np.ndarray | None = None) -> None:
+        """Count documents `first`, `first` + 1, ... of lengths `lengths` (made from `records`)."""
+        lengths = np.asarray(lengths, np.int64)
+        for value, count in zip(*(a.tolist() for a in np.unique(lengths, return_counts=True))):
+            self.counts[value] = self.counts.get(value, 0) + count
+        floor = self.longest[-1][0] if len(self.longest) == self.kept else -1
+        # Only documents longer than the shortest kept one can enter (a tie loses to the earlier document).
+        candidates = np.flatnonzero(lengths > floor)
+        if not len(candidates):
+            return
+        candidates = candidates[np.lexsort((candidates, -lengths[candidates]))]
+        owners = candidates + first if records is None else np.asarray(records)[candidates]
+        merged = heapq.merge(self.longest, zip(lengths[candidates].tolist(), (candidates + first).tolist(),
+                                               owners.tolist()), key=lambda d: (-d[0], d[1]))
+        kept, seen = [], set()
+        for document in merged:
+            if document[2] not in seen:
+                seen.add(document[2])
+                kept.append(document)
+                if len(kept) == self.kept:
+                    break
+        self.longest = kept
+
+    def figures(self) -> dict:
+        """The median, 99th percentile (the higher neighbour) and longest length, as numpy computes them."""
+        if not self.counts:
+            return {"median": 0, "p99": 0, "max": 0}
+        values = np.array(sorted(self.counts), np.int64)
+        below = np.cumsum([self.counts[v] for v in values.tolist()])  # documents of each length or shorter
+        n = int(below[-1])
+
+        def kth(k: int) -> int:  # the k-th shortest (from 0)
+            return int(values[np.searchsorted(below, k, side="right")])
+
+        return {"median": int((kth((n - 1) // 2) + kth(n // 2)) / 2), "p99": kth(int(np.ceil(0.99 * (n - 1)))),
+                "max": int(values[-1])}
 
 
 def new_meta(vocab_size: int, eos_id: int, tokenizer_fingerprint: str, save_bin: bool, save_jsonl: bool) -> dict:
@@ -173,11 +219,13 @@ def open_split(tokens_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     return ids, mask
 
 
-def read_split(tokens_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_split(tokens_dir: str | Path, split: str,
+               meta: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids, loss mask and where each document starts (int64 token indices, ascending, the first 0) of one
-    split: memory-mapped `.bin` files, or arrays built from the JSONL, in one read."""
+    split: memory-mapped `.bin` files, or arrays built from the JSONL, in one read. `meta`: the folder's meta.json as
+    the caller already read it (read here otherwise)."""
     tokens_dir = Path(tokens_dir)
-    meta = read_meta(tokens_dir)
+    meta = meta or read_meta(tokens_dir)
     if split not in meta["splits"]:
         raise UserError(f"{tokens_dir}/meta.json has no split '{split}'; it has {', '.join(meta['splits'])}")
     dtype = id_dtype(meta["dtype"])

@@ -11,7 +11,11 @@ A session's start is the start of the machine's first process (PID 1 of the cont
 
 Pushing after training (the session command, stages/session.py) takes time too: that command passes the last measured
 push speed in `STEPWISE_PUSH_BYTES_PER_SECOND`, and the train stage keeps back the time to push the checkpoint and
-the export at that speed (see `push_seconds`). Nothing here imports torch.
+the export at that speed (see `push_seconds`). So does DVC's commit of them after the stage (hashing and caching, at
+the last measured speed, `STEPWISE_DVC_COMMIT_BYTES_PER_SECOND`) and what the command does after the push (commit,
+git push, the evaluate stage: `STEPWISE_KEEP_BACK_SECONDS`). Under the command a number of minutes counts from the
+command's start (`STEPWISE_COMMAND_STARTED`, Unix time), not the stage's: the pull and the stages before train are
+inside the limit. Nothing here imports torch.
 """
 
 import os
@@ -25,6 +29,9 @@ from stages.lib.base.errors import UserError
 
 DEADLINE_ENV = "STEPWISE_DEADLINE"
 PUSH_SPEED_ENV = "STEPWISE_PUSH_BYTES_PER_SECOND"
+COMMIT_SPEED_ENV = "STEPWISE_DVC_COMMIT_BYTES_PER_SECOND"
+KEEP_BACK_ENV = "STEPWISE_KEEP_BACK_SECONDS"
+STARTED_ENV = "STEPWISE_COMMAND_STARTED"
 NOTEBOOK_HOURS = 12  # Kaggle's session limit (CPU and GPU notebooks) and Colab's longest VM lifetime (free tier)
 
 
@@ -128,18 +135,23 @@ def session_minutes(minutes_today: float | str, push_bytes: float, elapsed: floa
     """
     env = os.environ if env is None else env
     now = time.time() if now is None else now
-    push = push_seconds(push_bytes, env)
+    push, after = push_seconds(push_bytes, env), after_stage_seconds(push_bytes, env)
     kept = f", keeping {duration(push)} back to push about {push_bytes / 1e6:,.1f} MB" if push else ""
+    if after:
+        kept += f"{', and' if push else ', keeping'} {duration(after)} back for DVC's commit and what follows it"
     if minutes_today == "auto":
         limit = find_time_limit(env, now)
         if limit is None:
             return 0.0, (f"train.minutes_today = auto: no time limit found ({DEADLINE_ENV}, SLURM, Kaggle or Colab): "
                          "training without one")
-        seconds = limit.ends_at - now + elapsed - push
+        seconds = limit.ends_at - now + elapsed - push - after
         note = f"time limit: {limit.describe(now)}{kept}"
-    elif minutes_today and push:
-        seconds = minutes_today * 60 - push
+    elif minutes_today and (push or after or env.get(STARTED_ENV)):
+        before = max(0.0, now - float(env.get(STARTED_ENV) or now) - elapsed)  # the command's time before the stage
+        seconds = minutes_today * 60 - push - after - before
         note = f"train.minutes_today = {minutes_today:g}{kept}"
+        if before:
+            note += f", {duration(before)} of it spent before the train stage started"
     else:
         return float(minutes_today), None
     return max(seconds, 0.001) / 60, f"{note}: training for at most {duration(seconds - elapsed)}, the save included"
@@ -150,6 +162,14 @@ def push_seconds(push_bytes: float, env: dict | None = None) -> float:
     env = os.environ if env is None else env
     speed = float(env.get(PUSH_SPEED_ENV) or 0)
     return push_bytes / speed if speed > 0 else 0.0
+
+
+def after_stage_seconds(push_bytes: float, env: dict | None = None) -> float:
+    """Time to keep back under the session command for DVC's commit of `push_bytes` and the command's own steps
+    after the push (0 when not run by it)."""
+    env = os.environ if env is None else env
+    speed = float(env.get(COMMIT_SPEED_ENV) or 0)
+    return (push_bytes / speed if speed > 0 else 0.0) + float(env.get(KEEP_BACK_ENV) or 0)
 
 
 def duration(seconds: float) -> str:

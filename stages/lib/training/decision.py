@@ -1,9 +1,10 @@
 """What a training session will do, decided once before it starts: pure functions, no I/O.
 
 A run is defined by the settings behind its `run` fingerprint (model, tokenizer and training data, seq_len, packing,
-global batch, optimiser settings, peak and final learning rate, warmup, seed; a LoRA's rank, alpha, dropout and
-targets). Its plan, how long it is and the shape of its learning rate (total_step_budget or epochs, train.schedule,
-decay_steps / decay_fraction), is not part of it: a checkpoint of the same run with another plan is the same run,
+global batch, optimiser settings, peak and final learning rate, warmup, seed; a LoRA's rank, alpha, dropout,
+targets, whether its base is held in 4 bits and whether it trains the embeddings; the optimizer). Its plan, how long
+it is and the shape of its learning rate (total_step_budget or epochs, train.schedule, decay_steps /
+decay_fraction), is not part of it: a checkpoint of the same run with another plan is the same run,
 extended (or shortened). The checkpoint's `fingerprint` covers both (the run and its schedule), so two checkpoints of
 the same step and fingerprint hold the same state. From params.yaml, the token files' meta, the tokenizer and the
 checkpoints found, `decide` makes one immutable Decision: the run's plan, the checkpoint to resume (or none, and why),
@@ -172,7 +173,12 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
     if train.init_from:
         values["base_model_sha256"] = base_model
     if train.lora.r:
-        values.update({f"lora.{k}": v for k, v in asdict(train.lora).items()})
+        values.update({f"lora.{k}": v for k, v in asdict(train.lora).items()
+                       if v != ABSENT_MEANS.get(f"lora.{k}", ...)})
+        if train.lora.train_embeddings:
+            values["embedding_lr"] = train.embedding_lr
+    if train.optimizer != ABSENT_MEANS["optimizer"]:
+        values["optimizer"] = train.optimizer
     values.update({
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "train_data_sha256": meta["splits"]["train"]["sha256"],
@@ -192,6 +198,10 @@ def fingerprint_values(train: TrainParams, meta: dict, world_size: int, base_mod
     return values
 
 
+# Settings added after runs were fingerprinted without them: they count only when they differ from what was done
+# before they existed, so the runs made before keep their fingerprint (and resume); absent means this value.
+ABSENT_MEANS = {"lora.quantize": "none", "lora.train_embeddings": False, "optimizer": "adamw"}
+
 # Fingerprinted values whose raw change (two hashes) says little: what a person should read instead.
 CHANGE_NAMES = {"base_model_sha256": "the base model in train.init_from (its config or weight files)",
                 "tokenizer_fingerprint": "the tokenizer (data/tokenizer/tokenizer.json)",
@@ -202,7 +212,8 @@ CHANGE_NAMES = {"base_model_sha256": "the base model in train.init_from (its con
 def changed_settings(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every fingerprinted setting that differs (hashes named by what they stand for)."""
     return [f"{CHANGE_NAMES[key]} changed" if key in CHANGE_NAMES and key in old and key in new
-            else f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            else f"{key}: {old.get(key, ABSENT_MEANS.get(key))!r} -> {new.get(key, ABSENT_MEANS.get(key))!r}"
+            for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)]
 
 

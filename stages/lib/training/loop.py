@@ -12,6 +12,7 @@ of all processes, so the gradient is the one a single process would compute for 
 """
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ from stages.lib.checkpointing import parts as ckpt
 from stages.lib.checkpointing import store
 from stages.lib.checkpointing.live_logs import open_live
 from stages.lib.distributed.parallel import full_value
-from stages.lib.modeling.precision import LossScaler, Precision
+from stages.lib.modeling import memory
+from stages.lib.modeling.precision import SETTLING_STEPS, LossScaler, Precision, gives_up, overflow_message
 from stages.lib.modeling.preference_loss import metrics_from
 from stages.lib.tokenizing.batches import Samples, TrainBatches, counted_tokens, validation_batches
 from stages.lib.training.decision import Decision
+from stages.lib.training.optimizers import set_learning_rate
 from stages.lib.training.schedule import Schedule, time_for_another_step
 from stages.lib.training.session_plan import (
     PLAN_AFTER_STEPS,
@@ -48,7 +51,7 @@ class SessionResult:
 
     start_step: int
     end_step: int
-    stopped_by: str = "budget"  # budget | steps_today | time | signal | nothing-to-do
+    stopped_by: str = "budget"  # budget | steps_today | time | signal | nothing-to-do | fp16-overflow
     exit_code: int = 0
     first_step_at: float | None = None  # time.monotonic() when the first step ended (startup benchmarks)
 
@@ -106,7 +109,10 @@ class Session:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.val = validation_batches(val_samples, train.batch_size, train.eval_batches) if val_samples else []
+        # eval_batches counts batches of the run's global batch, which every session keeps (a session with another
+        # batch_size makes it up with grad_accum): the same samples in every session, scored batch_size at a time.
+        self.val = (validation_batches(val_samples, train.eval_batches * batches.samples_per_step, train.batch_size)
+                    if val_samples else [])
         # A preference sample is a pair: two rows (chosen, rejected) of seq_len tokens.
         self.tokens_per_step = batches.samples_per_step * train.seq_len * (1 if train.objective == "sft" else 2)
         self.stored = stored_bytes(self.model, train.export)  # (checkpoint, export) bytes this session writes
@@ -115,6 +121,7 @@ class Session:
         self.last_saved: dict | None = None  # rank 0's parts as captured by the latest save
         self.last_state: dict | None = None  # and its state.json
         self.progress: Progress | None = None
+        self.memory_plan: memory.MemoryPlan | None = None  # the plan printed before the first step, if any
         self.preference: dict = {}  # the latest step's rewards (train.objective dpo or orpo)
 
     def _closing_guesses(self) -> dict:
@@ -138,7 +145,8 @@ class Session:
         live.summary["data"] = {"padding_share": round(facts["padding_share"], 4),
                                 "documents_split": facts["documents_split"]}
         saved = evaluated = step = start
-        skipped_before = self.scaler.skipped_steps
+        skipped_before = skipped_at_settling = self.scaler.skipped_steps
+        gave_up = None
         stop = StopRequest(repeat_window=1.0 if self.world.size > 1 else 0.0, launcher_pid=self.world.launcher_pid)
         self.progress = Progress(start, end, self.plan.total_steps, self.train.log_every, enabled=main)
         with stop, self.progress:
@@ -158,9 +166,18 @@ class Session:
                     evaluated = self._evaluate(live, step)
                 if step % self.train.save_every == 0 or step == self.schedule.pre_decay_step:
                     saved = self._save(step, live)
+                if step - start == SETTLING_STEPS:
+                    skipped_at_settling = self.scaler.skipped_steps
+                # The same on every process: a step is skipped for the norm of all the gradients.
+                gave_up = gives_up(self.scaler.skipped_in_a_row, step - start,
+                                   self.scaler.skipped_steps - skipped_at_settling) if self.scaler.enabled else None
+                if gave_up:
+                    break
         result.end_step = step
         if signum:
             result.stopped_by, result.exit_code = "signal", 128 + signum
+        elif gave_up:
+            result.stopped_by, result.exit_code = "fp16-overflow", 1
         elif out_of_time:
             result.stopped_by = "time"
             if main:
@@ -173,6 +190,8 @@ class Session:
         live.make_summary()
         if step > start and saved != step:
             self._save(step, live)
+        if gave_up and main:
+            print(f"error: {overflow_message(gave_up, step)}", file=sys.stderr, flush=True)
         return result
 
     def _should_stop(self, stop: StopRequest | None, check_time: bool) -> tuple[int, bool]:
@@ -211,8 +230,7 @@ class Session:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         grad_norm = full_value(grad_norm)
         lr = self.schedule.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         self.scaler.step(self.optimizer, grad_norm)  # fp16: skipped for an inf or nan gradient; the batch is used
         self.optimizer.zero_grad(set_to_none=True)
         loss, grad_norm = (self.world.sum_tensor(total) / counted).item(), grad_norm.item()
@@ -244,12 +262,15 @@ class Session:
         plan = plan_session(step, start, end, self.plan.total_steps, self.timer.step_times, time.monotonic(),
                             self.timer.deadline, self.timer.reserve(), *self.stored)
         lines = plan_lines(plan)
-        if self.device.type == "cuda":
-            lines.append(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB "
-                         "(compare the memory plan above)")
+        metrics = plan_metrics(plan)
+        if self.memory_plan is not None:  # the plan checked against what the first steps took
+            measured, what = memory.measured_peak(self.device)
+            lines.append(memory.measured_line(self.memory_plan, measured, what))
+            metrics.update({"memory/peak_gib": round(measured / memory.GIB, 3),
+                            "memory/plan_gib": round(self.memory_plan.peak / memory.GIB, 3)})
         for line in lines:
             self.progress.event(line)
-        for name, value in plan_metrics(plan).items():
+        for name, value in metrics.items():
             live.log_metric(name, value)
 
     def _evaluate(self, live, step: int) -> int:

@@ -32,8 +32,9 @@ def read_inputs(train: TrainParams, meta: dict, samples_per_epoch: int, vocab_si
 
 
 def nothing_to_train(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
-                     models_dir: Path = MODELS_DIR, recovery_dir: Path = store.RECOVERY_DIR) -> Decision | None:
+                     models_dir: Path = MODELS_DIR, recovery_dir: Path | None = None) -> Decision | None:
     """The session's Decision when it has nothing to do (see the module docstring), else None."""
+    recovery_dir = store.default_recovery_dir() if recovery_dir is None else recovery_dir
     if train.resume == "never" or not Path(tokenizer_dir).is_dir() or not (Path(tokens_dir) / "meta.json").exists():
         return None
     meta = read_meta(tokens_dir)

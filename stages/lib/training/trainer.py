@@ -38,6 +38,7 @@ from stages.lib.modeling.export import export_model
 from stages.lib.modeling.families import (
     build_model,
     checkpoint_activations,
+    flash_attention_for_documents,
     keeps_documents_apart,
     model_config,
     pick_document_attention,
@@ -78,13 +79,15 @@ def _session_in_this_process(params) -> int:
             return run_session(params.train, trust_remote_code=params.tokenizer.trust_remote_code,
                                world=world).exit_code
     except UserError as err:
-        if world is None or world.size == 1 or world.is_main or not world.launched_here:
+        # Every process stops with it, and rank 0 shows it (stages/lib/distributed/failures.py).
+        shown_by_rank_0 = world is not None and world.failures is not None and world.failures.report(str(err))
+        if world is None or world.is_main or not shown_by_rank_0:
             print(f"error: {err}", file=sys.stderr)
         return 1
 
 
 def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
-                models_dir: Path = MODELS_DIR, recovery_dir: Path = store.RECOVERY_DIR,
+                models_dir: Path = MODELS_DIR, recovery_dir: Path | None = None,
                 trust_remote_code: bool = False, world: World | None = None) -> SessionResult:
     """One session: resume or start, train within today's limits, save, log and export.
 
@@ -92,6 +95,7 @@ def run_session(train: TrainParams, tokens_dir: Path = TOKENS_DIR, tokenizer_dir
     holds the workspace's checkpoint lock for the whole session: one writer at a time.
     """
     started = time.monotonic()
+    recovery_dir = store.default_recovery_dir() if recovery_dir is None else recovery_dir
     world = world or World(device=pick_device(train.device))
     with store.session_lock(recovery_dir) if world.is_main else contextlib.nullcontext():
         return _locked_session(train, tokens_dir, tokenizer_dir, models_dir, recovery_dir, trust_remote_code, world,
@@ -106,8 +110,9 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
     if train.objective != "sft":  # whole preference pairs (stages/lib/training/preference_runs.py)
         train_samples, val_samples = preference_samples(train, tokens_dir)
     else:
-        train_samples = split_samples(tokens_dir, "train", train.seq_len, packing, train.seed, required=True)
-        val_samples = (split_samples(tokens_dir, "val", train.seq_len, packing, None, required=False)
+        train_samples = split_samples(tokens_dir, "train", train.seq_len, packing, train.seed, required=True,
+                                      meta=meta)
+        val_samples = (split_samples(tokens_dir, "val", train.seq_len, packing, None, required=False, meta=meta)
                        if "val" in meta["splits"] else None)
     decision = Decision.from_json(world.decide_on_main(lambda: decide_on_main(
         train, meta, train_samples.count, tokenizer_dir, recovery_dir, trust_remote_code, world.size).as_json()))
@@ -127,6 +132,7 @@ def _locked_session(train: TrainParams, tokens_dir: Path, tokenizer_dir: Path, m
         train = _with_time_limit(train, decision, export_dir, parameters, started, world.is_main)
         batches = TrainBatches(train_samples, train.seed, train.batch_size, train.grad_accum, world.size, world.rank)
         session = Session(train, decision, trainee, precision, batches, val_samples, started, recovery_dir)
+        session.memory_plan = memory_plan
         end = session_end(start, total, train.steps_today)
         if world.is_main:
             print(f"run of {total} steps ({decision.plan.fingerprint}): this session trains steps {start} -> {end} "
@@ -188,15 +194,20 @@ def check_memory(train: TrainParams, decision: Decision, world: World,
     setup = memory.Setup(train.batch_size, train.seq_len, train.grad_accum, precision.name,
                          train.activation_checkpointing, shards=world.size if train.strategy == "fsdp" else 1,
                          sequences=2 if train.objective != "sft" else 1,
-                         **lora.checked_plan_settings(train, decision.vocab_size, shape))
+                         **lora.checked_plan_settings(train, decision.vocab_size, shape),
+                         **memory.plan_settings(train, decision.plan.values["packing"] == "documents" and not
+                                                flash_attention_for_documents(world.device, precision.autocast_dtype)))
     free = memory.available_memory(world.device)
     if world.device.type == "cpu":  # the processes of this machine share its memory
         free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     plan = memory.plan_memory(shape, setup, free, _device_name(world.device))
     if world.is_main:
         print("\n".join(plan.lines()))
-    if world.max([float(not plan.fits())])[0]:  # any process short of memory stops them all
-        raise UserError(memory.does_not_fit_message(plan))
+    ram = memory.gather_short_message(shape, setup, memory.available_memory(torch.device("cpu"))) if (
+        world.is_main and setup.shards > 1) else None
+    if world.max([float(not plan.fits()), float(ram is not None)]) != [0.0, 0.0]:  # any process short stops all
+        raise UserError(memory.does_not_fit_message(plan) if not plan.fits() else ram or "rank 0's host RAM is "
+                        "short of what a save gathers (see its message)")
     return plan
 
 
@@ -222,7 +233,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     restored."""
     _seed_everything(train.seed)
     model = build_model(train, decision.vocab_size, decision.special_ids,
-                        dtype=lora.base_dtype(train, precision.autocast_dtype))
+                        dtype=lora.base_dtype(train, precision.autocast_dtype),
+                        **lora.base_load_options(train.lora, precision.autocast_dtype, world.device))
     if train.lora.r:
         lora.add_adapters(model, train.lora)
     model.train()  # from_pretrained hands models over in eval mode: dropout must be on from the first step
@@ -239,6 +251,8 @@ def build_trainee(train: TrainParams, decision: Decision, world: World, live_dir
     scaler = LossScaler(precision.scales_loss, world.device.type, sharded=parallel.strategy == "fsdp")
     trainee = ckpt.Trainee(parallel, make_optimizer(parallel.model, train), world, live_dir, scaler,
                            adapters=bool(train.lora.r))
+    if world.rank:  # every process draws its own dropout masks, as one process does for each micro-batch
+        _seed_everything(train.seed + world.rank)
     if decision.resume is not None:
         ckpt.restore(decision.resume, trainee)
     return trainee
