@@ -10,7 +10,8 @@ then holds one model, and DVC reruns this stage only when the pairs or the param
 model whose files changed in place is caught by the train stage, which compares the hash and asks for a rerun.
 
 For every other run (sft, orpo, dpo with adapters_off) the stage writes only reference.json saying that no scores
-are needed: it is one stage of one pipeline, and stays a quick no-op that imports no torch.
+are needed: it is one stage of one pipeline, and stays a quick no-op (loading no model), which DVC reruns only when
+the token files or those params change.
 """
 
 import json

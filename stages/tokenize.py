@@ -151,10 +151,10 @@ def write_pairs(records_path: Path, starts: np.ndarray, lengths: np.ndarray, spl
                     picked = order[first:first + per_chunk]
                     lines = pool.map(lambda i: os.pread(f.fileno(), int(lengths[i]), int(starts[i])), picked)
                     pairs = [p for p in map(pair_record, lines) if p is not None]
-                    prompts = encode_documents(tok, [Document(p["prompt"], []) for p in pairs], meta["dtype"], False)
-                    answers = [encode_documents(tok, [as_document({"segments": p[k]}) for p in pairs], meta["dtype"],
-                                                False) for k in ("chosen", "rejected")]
-                    for i, (prompt, chosen, rejected) in enumerate(zip(*map(_per_document, (prompts, *answers)))):
+                    prompts, chosen, rejected = (
+                        encode_documents(tok, [as_document({"kind": "preference", "segments": p[k]}) for p in pairs],
+                                         meta["dtype"], False)[:3] for k in ("prompt", "chosen", "rejected"))
+                    for prompt, chosen, rejected in zip(*map(_per_document, (prompts, chosen, rejected))):
                         writer.write(prompt[0][:-1], chosen, rejected)  # the prompt without the EOS encoding adds
             write_pair_meta_entry(meta, split, writer.summary())
 

@@ -107,7 +107,7 @@ def test_day_1_on_machine_a_trains_commits_and_pushes(world):
 
 def test_day_2_on_machine_b_continues_from_day_1(world):
     out = a_day(world["b"])
-    assert "$ dvc pull evaluate render tokenize tokenizer train" in out and "resuming from step 2" in out, out
+    assert "$ dvc pull evaluate reference render tokenize tokenizer train" in out and "resuming from step 2" in out, out
     assert '$ git commit -m "Session 2: steps 2 -> 4 of 8"' in out
     assert checkpoint_step(world["b"]) == 4
     message = run(world["remote"], "git", "log", "-1", "--format=%B", "main~1")  # main: its evaluate commit

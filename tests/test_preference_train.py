@@ -252,3 +252,21 @@ def test_dpo_on_two_processes_trains_as_one_process_with_the_same_global_batch(t
     for metric in ("train/loss", "train/rewards/accuracy", "train/rewards/margin"):
         ours, other = ([float(v) for _, v in read_tsv(root, metric)] for root in (one, two))
         assert other == pytest.approx(ours, rel=1e-4, abs=1e-6), metric
+
+
+def test_the_chunked_head_gives_the_same_loss_and_gradients(tmp_path, monkeypatch):
+    from stages.lib.modeling import preference_loss
+    root = workspace(tmp_path / "w")
+    model = base_model("llama", tmp_path / "base").eval()
+    batch = pair_samples(root / "data" / "tokens", "train", 16, True).gather(np.arange(4))
+    results = []
+    for rows_per_chunk in (None, 3):
+        if rows_per_chunk:
+            monkeypatch.setattr(preference_loss, "LOGITS_PER_CHUNK", VOCAB * rows_per_chunk)
+        model.zero_grad()
+        loss = PreferenceLossModule(model, "orpo", 0.1)(batch.inputs, batch.labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for chunked, whole in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)

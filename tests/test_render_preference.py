@@ -10,6 +10,15 @@ from stages.lib.tokenizing.records import as_document
 CHATML_ASK = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def prompt(record):
+    assert not any(s["response"] for s in record["prompt"])
+    return "".join(s["text"] for s in record["prompt"])
+
+
+def plain(segments):
+    return [{"text": s["text"], "response": s["response"]} for s in segments]
+
+
 def answer(record, which):
     return "".join(s["text"] for s in record[which] if s["response"])
 
@@ -18,19 +27,22 @@ def test_trl_standard_strings_are_used_as_they_are_by_default():
     write("raw/p.jsonl", jsonl({"prompt": "2+2=", "chosen": "4", "rejected": "5"}))
     records, stats = run("raw/p.jsonl")
     assert records[0]["kind"] == "preference" and stats["formats"] == {"raw/p.jsonl": "preference"}
-    assert records[0]["prompt"] == "2+2="
-    assert records[0]["chosen"] == [{"text": "4", "response": True}]
-    assert records[0]["rejected"] == [{"text": "5", "response": True}]
+    assert prompt(records[0]) == "2+2="
+    assert plain(records[0]["chosen"]) == [{"text": "4", "response": True}]
+    assert plain(records[0]["rejected"]) == [{"text": "5", "response": True}]
     assert stats["suspicious"] == {} and stats["templates"] == []
 
 
 def test_string_pairs_take_the_alpaca_or_a_chat_template_when_asked():
     write("raw/p.jsonl", jsonl({"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "5"}))
     alpaca, _ = run("raw/p.jsonl", template="alpaca")
-    assert alpaca[0]["prompt"].endswith("### Instruction:\nAdd 2 and 2.\n\n### Response:\n")
+    assert prompt(alpaca[0]).endswith("### Instruction:\nAdd 2 and 2.\n\n### Response:\n")
     chatml, stats = run("raw/p.jsonl", template="chatml")
-    assert chatml[0]["prompt"] == CHATML_ASK.format("Add 2 and 2.")
-    assert chatml[0]["chosen"] == [{"text": "4<|im_end|>", "response": True}, {"text": "\n", "response": False}]
+    assert prompt(chatml[0]) == CHATML_ASK.format("Add 2 and 2.")
+    assert plain(chatml[0]["chosen"]) == [{"text": "4<|im_end|>", "response": True}, {"text": "\n", "response": False}]
+    # The template's special tokens stay marked as control text on both sides of the cut.
+    marked = [s["text"][a:b] for s in chatml[0]["prompt"] + chatml[0]["chosen"] for a, b in s.get("control", ())]
+    assert marked == ["<|im_start|>", "<|im_end|>", "<|im_start|>", "<|im_end|>"]
     assert answer(chatml[0], "rejected") == "5<|im_end|>" and stats["templates"] == ["chatml"]
 
 
@@ -41,7 +53,7 @@ def test_trl_conversational_form_drops_the_prompt_the_answers_repeat():
     write("raw/u.jsonl", jsonl(record, {**record, "prompt": question}))
     records, stats = run("raw/u.jsonl")
     for r in records:
-        assert r["prompt"] == CHATML_ASK.format("Capital of France?")
+        assert prompt(r) == CHATML_ASK.format("Capital of France?")
         assert (answer(r, "chosen"), answer(r, "rejected")) == ("Paris<|im_end|>", "Lyon<|im_end|>")
     assert stats["suspicious"] == {} and stats["fields_dropped"]["score_chosen"]["count"] == 2
 
@@ -52,7 +64,7 @@ def test_llamafactory_sharegpt_pairs_keep_the_whole_conversation_as_prompt():
               "chosen": {"from": "gpt", "value": "Blue"}, "rejected": {"from": "gpt", "value": "I cannot"}}
     write("raw/lf.json", "[" + jsonl(record).strip() + "]")
     records, _ = run("raw/lf.json")
-    assert records[0]["prompt"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    assert prompt(records[0]) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                     "<|im_start|>assistant\nHello<|im_end|>\n" + CHATML_ASK.format("Name a colour"))
     assert (answer(records[0], "chosen"), answer(records[0], "rejected")) == ("Blue<|im_end|>", "I cannot<|im_end|>")
 
@@ -61,7 +73,7 @@ def test_anthropic_hh_transcripts_split_at_the_last_assistant_turn_of_their_shar
     shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant:"
     write("raw/hh.jsonl", jsonl({"chosen": shared + " Why did the chicken...", "rejected": shared + " No."}))
     records, stats = run("raw/hh.jsonl")
-    assert records[0]["prompt"] == shared
+    assert prompt(records[0]) == shared
     assert (answer(records[0], "chosen"), answer(records[0], "rejected")) == (" Why did the chicken...", " No.")
     assert stats["suspicious"] == {}
 
@@ -71,7 +83,7 @@ def test_implicit_prompt_in_message_lists_is_their_shared_turns():
     write("raw/m.jsonl", jsonl({"chosen": ask + [{"role": "assistant", "content": "Hello"}],
                                 "rejected": ask + [{"role": "assistant", "content": "Go away"}]}))
     records, _ = run("raw/m.jsonl")
-    assert records[0]["prompt"] == CHATML_ASK.format("Hi")
+    assert prompt(records[0]) == CHATML_ASK.format("Hi")
     assert answer(records[0], "rejected") == "Go away<|im_end|>"
 
 
@@ -79,7 +91,7 @@ def test_field_names_are_mapped():
     write("raw/q.jsonl", jsonl({"question": "Q?", "good": "yes", "bad": "no"}))
     records, _ = run("raw/q.jsonl", format="preference", fields={"prompt": "question", "chosen": "good",
                                                                    "rejected": "bad"})
-    assert (records[0]["prompt"], answer(records[0], "chosen"), answer(records[0], "rejected")) == ("Q?", "yes", "no")
+    assert (prompt(records[0]), answer(records[0], "chosen"), answer(records[0], "rejected")) == ("Q?", "yes", "no")
 
 
 def test_suspicious_pairs_are_counted_and_located():
@@ -102,7 +114,7 @@ def test_answers_that_repeat_a_different_prompt_are_flagged():
               "rejected": [{"role": "assistant", "content": "B"}]}
     write("raw/d.jsonl", jsonl(record))
     records, stats = run("raw/d.jsonl")
-    assert records[0]["prompt"] == CHATML_ASK.format("Q1") and answer(records[0], "chosen") == "A<|im_end|>"
+    assert prompt(records[0]) == CHATML_ASK.format("Q1") and answer(records[0], "chosen") == "A<|im_end|>"
     assert stats["suspicious"]["prompts_differ"]["count"] == 1
 
 

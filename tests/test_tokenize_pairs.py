@@ -59,7 +59,10 @@ def test_pairs_are_written_beside_the_sft_files_with_prompt_and_answers_apart(to
 
 
 def test_a_batch_holds_the_chosen_rows_then_the_rejected_rows_with_only_answers_counted(tokens):
-    batch = pair_samples("tokens", "train", seq_len=8, required=True).gather(np.array([0, 1]))
+    samples = pair_samples("tokens", "train", seq_len=8, required=True)
+    batch = samples.gather(np.array([0, 1]))
+    whole = samples.gather(np.arange(3))
+    assert samples.facts()["padding_share"] == pytest.approx(float((whole.inputs == 0).double().mean()))
     assert batch.inputs.shape == (4, 8) and batch.counted() == 2
     assert batch.inputs[0, :5].tolist() == [10, 11, 12, 20, 21]
     assert batch.labels[0, :5].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 20, 21, EOS]

@@ -16,8 +16,9 @@ text already, HH's transcripts included), with the Alpaca prompt under alpaca, a
 turn under chatml or tokenizer; pairs of messages get the chat template. The prompt is the text that asks for the
 answer (the generation prompt); each answer is what the template writes after it, its response segments marked.
 
-A rendered pair is one line of records.jsonl: {"source", "kind": "preference", "prompt": text, "chosen": segments,
-"rejected": segments} (docs/formats.md).
+A rendered pair is one line of records.jsonl: {"source", "kind": "preference", "prompt": segments, "chosen":
+segments, "rejected": segments} (docs/formats.md): the prompt's segments are all prompt text, and every segment keeps
+the template's control marks (the special tokens it wrote).
 
 Suspicious pairs, counted in stats.json: identical answers (nothing to prefer), an empty answer, and prompts that
 differ (chosen and rejected transcripts, or answers that repeat the prompt, disagree on it: the chosen one's prompt
@@ -32,6 +33,7 @@ from stages.lib.base.errors import UserError
 from stages.lib.ingest import chat_templates as templates
 from stages.lib.ingest.fields import Mapping, Read, _dropped, _first, _message, _need, _string, json_type
 from stages.lib.ingest.readers import RecordError
+from stages.lib.tokenizing.records import CONTROL_KEY
 
 HH_TURN = "\n\nAssistant:"  # where an Anthropic HH transcript's assistant turn begins
 ASKING_ROLES = ("system", "user")  # the turns that belong to a prompt, never to an answer
@@ -132,22 +134,23 @@ def render_pair(pair: Pair, file: str, chooser: Any) -> tuple[list[dict], str | 
     wanted = chooser.params.render.template
     if isinstance(pair.prompt, str) and wanted in ("auto", "alpaca"):
         template = "alpaca" if wanted == "alpaca" else None
-        prompt = templates.alpaca_prompt(pair.prompt) if template else pair.prompt
+        prompt = [templates.segment(templates.alpaca_prompt(pair.prompt) if template else pair.prompt, False)]
         answers = [[templates.segment(a, True)] for a in (pair.chosen, pair.rejected)]
     else:
         prompt_turns, chosen, rejected = _as_messages(pair)
         template = chooser.for_chat(file)
         tokenizer = chooser.tokenizer if template == "tokenizer" else None
         try:
-            prompt = templates.chat_prompt(prompt_turns, template, tokenizer)
-            answers = [_after(templates.render_chat(prompt_turns + a, template, tokenizer), prompt)
-                       for a in (chosen, rejected)]
+            asked = templates.chat_prompt(prompt_turns, template, tokenizer)
+            (prompt, first), (_, second) = (_cut(templates.render_chat(prompt_turns + a, template, tokenizer), asked)
+                                            for a in (chosen, rejected))
         except templates.TemplateError:
             raise
         except UserError as err:  # the chat template refused this conversation
             raise RecordError(str(err)) from None
+        answers = [first, second]
     pair.rendered = {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]}
-    return [templates.segment(prompt, False), *answers[0], *answers[1]], template
+    return [*prompt, *answers[0], *answers[1]], template
 
 
 def _as_messages(pair: Pair) -> tuple[list[dict], ...]:
@@ -156,20 +159,28 @@ def _as_messages(pair: Pair) -> tuple[list[dict], ...]:
     return turns(pair.prompt, "user"), turns(pair.chosen, "assistant"), turns(pair.rejected, "assistant")
 
 
-def _after(segments: list[dict], prompt: str) -> list[dict]:
-    """The segments that follow the prompt's text in a whole rendering."""
-    text = "".join(s["text"] for s in segments)
-    if not text.startswith(prompt):
+def _cut(segments: list[dict], prompt: str) -> tuple[list[dict], list[dict]]:
+    """A whole rendering as (the prompt's segments, all prompt text, and the answer's that follow), each segment's
+    control marks kept on its side of the cut."""
+    if not "".join(s["text"] for s in segments).startswith(prompt):
         raise RecordError("the chat template writes the prompt differently when an answer follows it, so the answer "
                           "cannot be told apart; set render.template: chatml")
-    rest, skip = [], len(prompt)
+    head, tail, at = [], [], 0
     for s in segments:
-        if skip >= len(s["text"]):
-            skip -= len(s["text"])
-            continue
-        rest.append(templates.segment(s["text"][skip:], s["response"]))
-        skip = 0
-    return rest
+        end = at + len(s["text"])
+        if at < len(prompt):
+            head.append(_piece(s, 0, min(end, len(prompt)) - at, response=False))
+        if end > len(prompt):
+            tail.append(_piece(s, max(0, len(prompt) - at), len(s["text"]), s["response"]))
+        at = end
+    return head, tail
+
+
+def _piece(s: dict, start: int, end: int, response: bool) -> dict:
+    """Characters [start, end) of segment `s`, with the control ranges that fall inside them."""
+    control = [(max(a, start) - start, min(b, end) - start) for a, b in s.get(CONTROL_KEY, ())
+               if a < end and b > start]
+    return templates.segment(s["text"][start:end], response, control or None)
 
 
 def flag_pair(pair: Pair, where: str, stats: Any) -> bool:

@@ -22,8 +22,10 @@ import contextlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from stages.lib.modeling.families import has_plain_head
+from stages.lib.modeling.loss import LOGITS_PER_CHUNK
 from stages.lib.tokenizing.batches import IGNORE_INDEX
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
@@ -47,20 +49,35 @@ def orpo_loss(mean_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]
 def sequence_logps(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(sum of the counted tokens' log-probabilities, counted tokens) per row, in fp32.
 
-    With a plain head the logits are computed for the counted positions only: the prompts and padding never need
-    the vocabulary-sized rows.
+    With a plain head the logits are computed for the counted positions only (the prompts and padding never need
+    vocabulary-sized rows), a chunk of rows at a time, each chunk recomputed in the backward pass rather than kept:
+    the same bound on memory as the SFT loss's chunked head (stages/lib/modeling/loss.py).
     """
     labels = labels.to(inputs.device)
     counted = labels != IGNORE_INDEX
     rows, columns = counted.nonzero(as_tuple=True)
+    targets = labels[rows, columns]
     if has_plain_head(model):
         hidden = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state[rows, columns]
-        logits = model.get_output_embeddings()(hidden)
+        head = model.get_output_embeddings()
+        step = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+        keep_nothing = torch.is_grad_enabled()
+        token_logps = torch.cat([
+            checkpoint(_token_logps, hidden[at:at + step], head.weight, head.bias, targets[at:at + step],
+                       use_reentrant=False) if keep_nothing else
+            _token_logps(hidden[at:at + step], head.weight, head.bias, targets[at:at + step])
+            for at in range(0, len(targets), step)]) if len(targets) else hidden.sum(-1) * 0.0
     else:
         logits = model(input_ids=inputs, use_cache=False).logits[rows, columns]
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[rows, columns][:, None]).squeeze(1)
-    sums = torch.zeros(len(inputs), dtype=torch.float32, device=inputs.device).index_add(0, rows, token_logps)
+        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    sums = torch.zeros(len(inputs), dtype=torch.float32, device=inputs.device).index_add(0, rows, token_logps.float())
     return sums, counted.sum(dim=1)
+
+
+def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
 @contextlib.contextmanager

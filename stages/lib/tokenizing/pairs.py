@@ -135,12 +135,15 @@ class PreferencePairs:
         self.files, self.seq_len, self.reference = files, seq_len, reference
         self.count = self.documents = len(files)
         lengths = files.index[:, 1:].astype(np.int64)
-        prompt, longest = lengths[:, 0], lengths[:, 1:].max(axis=1)
-        over = prompt + longest > seq_len + 1
-        self._facts = {"packing": "pairs", "samples": self.count, "padding_share": 0.0, "documents_split": 0,
-                       "pairs_cut": int(over.sum()),
-                       "prompts_cut": int((over & (prompt > np.maximum(seq_len + 1 - longest, (seq_len + 1) // 2)))
-                                          .sum())}
+        prompt, longest, limit = lengths[:, 0], lengths[:, 1:].max(axis=1), seq_len + 1
+        over = prompt + longest > limit
+        kept = np.where(over, np.minimum(prompt, np.maximum(limit - longest, limit // 2)), prompt)  # as fit_pair
+        answer = np.where(over, limit - kept, longest)
+        inputs = 2 * kept + np.minimum(lengths[:, 1], answer) + np.minimum(lengths[:, 2], answer) - 2
+        padding = 1 - inputs.sum() / (2 * self.count * seq_len) if self.count else 0.0
+        self._facts = {"packing": "pairs", "samples": self.count, "padding_share": float(padding),
+                       "documents_split": 0, "pairs_cut": int(over.sum()),
+                       "prompts_cut": int((over & (kept < prompt)).sum())}
 
     def gather(self, samples: np.ndarray, epochs: np.ndarray | None = None) -> "PairBatch":
         """The batch of the given pairs: their chosen rows, then their rejected rows."""

@@ -63,10 +63,10 @@ def parse_record(line: bytes | str) -> Document:
 def as_document(record: object) -> Document:
     """A parsed line of records.jsonl as a Document; ValueError says what is wrong with it."""
     segments = record.get("segments") if isinstance(record, dict) else None
-    if segments is None and isinstance(record, dict) and isinstance(record.get("prompt"), str):
+    if segments is None and isinstance(record, dict) and record.get("kind") == "preference":
         # A preference pair reads as its prompt and chosen answer: the tokenizer learns from that text, and an
         # SFT run on pairs learns the chosen answers.
-        segments = [{"text": record["prompt"], "response": False}, *(record.get("chosen") or [])]
+        segments = [*(record.get("prompt") or []), *(record.get("chosen") or [])]
     if not isinstance(segments, list):
         raise ValueError("expected a JSON object with a \"segments\" list")
     texts, spans, control, marked, at = [], [], [], False, 0

@@ -113,7 +113,8 @@ class Session:
         # batch_size makes it up with grad_accum): the same samples in every session, scored batch_size at a time.
         self.val = (validation_batches(val_samples, train.eval_batches * batches.samples_per_step, train.batch_size)
                     if val_samples else [])
-        self.tokens_per_step = batches.samples_per_step * train.seq_len
+        # A preference sample is a pair: two rows (chosen, rejected) of seq_len tokens.
+        self.tokens_per_step = batches.samples_per_step * train.seq_len * (1 if train.objective == "sft" else 2)
         self.stored = stored_bytes(self.model, train.export)  # (checkpoint, export) bytes this session writes
         self.timer = SessionTimer(started + train.minutes_today * 60 if train.minutes_today else math.inf,
                                   self._closing_guesses())
