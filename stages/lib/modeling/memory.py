@@ -29,8 +29,8 @@ The peak is the larger of two moments: the end of the forward pass (activations 
 of the head's chunk of logits and the gradients in flight through the last block's MLP as the backward pass
 starts; gradients of earlier micro-steps when grad_accum > 1) and the end of the backward pass (all gradients). A
 plan fits when its peak plus HEADROOM is within the free memory. Checked against what PyTorch allocates by
-bench/bench_memory.py and tests/test_memory_plan_peak.py. Under FSDP a save gathers the full state (weights, optimizer state) to rank 0's host
-RAM: `gather_bytes`, checked against the RAM available before the first step.
+bench/bench_memory.py and tests/test_memory_plan_peak.py. Under FSDP a save gathers the full state (weights,
+optimizer state) to rank 0's host RAM: `gather_bytes`, checked against the RAM available before the first step.
 """
 
 from dataclasses import dataclass, replace
