@@ -6,6 +6,9 @@ PLAIN_HEAD_MODELS, and the chunked loss (stages/lib/modeling/loss.py) then compu
 forward would.
 """
 
+import copy
+import functools
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,12 +37,24 @@ def build_model(train: TrainParams, vocab_size: int, special_ids: dict,
     return model
 
 
+def base_config(folder: str) -> PreTrainedConfig:
+    """The config.json of a pretrained folder, read once however many checks ask (the memory plan, the vocabulary,
+    the base's tensors): a copy each caller may change. A config.json changed since it was read is read again."""
+    stat = (Path(folder) / "config.json").stat()
+    return copy.deepcopy(_read_config(str(Path(folder).resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config(folder: str, mtime_ns: int, size: int) -> PreTrainedConfig:
+    return AutoConfig.from_pretrained(folder)
+
+
 def model_config(train: TrainParams, vocab_size: int, special_ids: dict) -> PreTrainedConfig:
     """The config of the run's model, read or built without loading a weight (what the memory plan starts from)."""
     if not train.init_from:
         return new_model_config(train.model, vocab_size, special_ids)
     check_model_folder(train.init_from)
-    config = AutoConfig.from_pretrained(train.init_from)
+    config = base_config(train.init_from)
     config.vocab_size = max(config.vocab_size, vocab_size)  # as `pretrained_model` grows it
     return config
 
@@ -109,7 +124,7 @@ def check_base_tensors(folder: str) -> None:
     tied to another (the head to the embeddings) is not missing; a folder already quantized, or whose weights are
     not in safetensors, is left to transformers."""
     import re
-    config = AutoConfig.from_pretrained(folder)
+    config = base_config(folder)
     found = tensor_names_in_files(folder)
     if found is None or getattr(config, "quantization_config", None):
         return

@@ -36,7 +36,7 @@ import torch
 
 from stages.lib.base.errors import UserError
 from stages.lib.base.params import LoraParams, TrainParams
-from stages.lib.modeling.families import pretrained_model, set_special_ids, transformer_blocks
+from stages.lib.modeling.families import base_config, pretrained_model, set_special_ids, transformer_blocks
 
 ADAPTER = "default"  # PEFT's adapter name: it appears in the state-dict names, never in an export
 # torch's, GPT-2's transposed one (PEFT's fan_in_fan_out), and bitsandbytes' 4-bit one (train.lora.quantize)
@@ -106,8 +106,7 @@ def base_load_options(lora_params: LoraParams, autocast_dtype: torch.dtype | Non
 def check_vocabulary(train: TrainParams, vocab_size: int) -> None:
     """A UserError when the tokenizer has more tokens than the base has embeddings and they do not train (see the
     module docstring)."""
-    from transformers import AutoConfig
-    base = AutoConfig.from_pretrained(train.init_from).vocab_size
+    base = base_config(train.init_from).vocab_size
     if vocab_size > base and not train.lora.train_embeddings:
         raise UserError(f"train.lora.r = {train.lora.r}: the tokenizer (data/tokenizer) has {vocab_size} tokens but "
                         f"the base model in {train.init_from} has embeddings for {base}; a LoRA keeps the "
