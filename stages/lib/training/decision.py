@@ -35,7 +35,6 @@ from stages.lib.base.params import TrainParams
 from stages.lib.checkpointing.parts import Checkpoint
 from stages.lib.checkpointing.store import Found
 from stages.lib.tokenizing.token_files import packing_for
-from stages.lib.training.preference_runs import preference_values
 from stages.lib.training.schedule import Schedule, agrees_until, total_steps
 
 # The settings that plan the run's length and learning-rate shape: changing them extends (or shortens) the run.
@@ -345,3 +344,12 @@ def _exact_note(change: str, checkpoint: Checkpoint, latest: Checkpoint, checkpo
 
 def _where(checkpoint: Checkpoint, checkpoint_dir: Path) -> str:
     return f"{checkpoint.path}{'' if checkpoint.path.parent == checkpoint_dir else ' (the recovery copy)'}"
+
+
+def preference_values(train: TrainParams, meta: dict) -> dict:
+    """The fingerprinted settings of a preference run: its objective, beta and reference, and the pairs it trains on
+    (its samples are pairs, whatever train.packing says)."""
+    return {"objective": train.objective, "beta": train.beta,
+            "reference": train.reference if train.objective == "dpo" else None,
+            "train_pairs_sha256": meta["pairs"]["train"]["sha256"] if meta.get("pairs") else None,
+            "packing": "pairs"}

@@ -43,15 +43,6 @@ def preference_samples(train: TrainParams, tokens_dir: Path) -> tuple[Preference
             pair_samples(tokens_dir, "val", train.seq_len, False, scores.get("val")))
 
 
-def preference_values(train: TrainParams, meta: dict) -> dict:
-    """The fingerprinted settings of a preference run: its objective, beta and reference, and the pairs it trains on
-    (its samples are pairs, whatever train.packing says)."""
-    return {"objective": train.objective, "beta": train.beta,
-            "reference": train.reference if train.objective == "dpo" else None,
-            "train_pairs_sha256": meta["pairs"]["train"]["sha256"] if meta.get("pairs") else None,
-            "packing": "pairs"}
-
-
 def preference_metrics(model, train: TrainParams, tokens_dir: Path, tokenizer_dir: Path,
                        trust_remote_code: bool = False) -> dict:
     """The validation pairs under `model` (an export), with the rewards the run's objective trains: the share whose
