@@ -87,10 +87,11 @@ def test_a_session_given_minutes_ends_pushed_and_committed_within_them(world):
     assert took < 90, f"the command took {took:.0f} s of its 90:\n{out}"
     assert "resuming from step 3" in out and "this command ends by" in out
     # The evaluate stage got the time it needs by A's measure: stopped when that was too short, skipped when even
-    # that was more than half the time left (a loaded machine), committed when it finished in time.
+    # that was more than half the time left or when the session's closing work left none (a loaded machine),
+    # committed when it finished in time.
     stopped = "evaluate stopped: it did not finish in the" in out
     evaluated = "Session 2: evaluated the model at step" in out
-    assert stopped or evaluated or "evaluate skipped today: it needs about" in out, out
+    assert stopped or evaluated or "evaluate skipped today: " in out, out
     step = checkpoint_step(world["b"])
     assert step > 3
     titles = run(world["remote"], "git", "log", "--format=%s", "main").splitlines()
