@@ -126,9 +126,10 @@ def dpo_lora_run(base, **overrides):
             "total_step_budget": 6, "save_every": 2, "eval_every": 2, "batch_size": 2, "lr": 5e-3, **overrides}
 
 
-def test_dpo_with_lora_three_sessions_equal_one_bitwise_and_log_the_rewards(tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])  # nf4: DPO on a 4-bit base (QLoRA), the reference adapters-off
+def test_dpo_with_lora_three_sessions_equal_one_bitwise_and_log_the_rewards(tmp_path, quantize):
     base_model("llama", tmp_path / "base")
-    run = dpo_lora_run(tmp_path / "base", grad_accum=2)
+    run = dpo_lora_run(tmp_path / "base", grad_accum=2, lora={**LORA, "quantize": quantize})
     whole, split = workspace(tmp_path / "whole"), workspace(tmp_path / "split")
     session(whole, **run)
     assert [session(split, steps_today=2, **run).start_step for _ in range(3)] == [0, 2, 4]
@@ -141,6 +142,7 @@ def test_dpo_with_lora_three_sessions_equal_one_bitwise_and_log_the_rewards(tmp_
     assert first_loss == pytest.approx(math.log(2), abs=1e-6)  # the adapters start at zero: policy == reference
     state = json.loads((whole / last / "state.json").read_text())
     assert state["fingerprint_values"]["objective"] == "dpo" and state["fingerprint_values"]["packing"] == "pairs"
+    assert state["fingerprint_values"].get("lora.quantize", "none") == quantize
 
 
 def test_dpo_full_fine_tune_with_precomputed_reference_three_sessions_equal_one_bitwise(tmp_path):
