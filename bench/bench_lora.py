@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,14 +82,14 @@ def train_settings(root: Path, case: dict, lora_r: int) -> dict:
             "checkpoint_dir": str(root / f"checkpoints-{lora_r}"), "out_dir": str(root / f"outputs-{lora_r}")}
 
 
-def build_session(root: Path, case: dict, lora_r: int) -> Session:
-    """A session of the run as the train stage builds it, on this process."""
-    train = parse_params({"train": train_settings(root, case, lora_r)}).train
+def build_session(root: Path, case: dict, settings: dict) -> Session:
+    """A session of the run with these train.* `settings` (as `train_settings` makes them), built as the train stage
+    builds it, on this process."""
+    train = parse_params({"train": settings}).train
     tokens = root / "data" / "tokens"
     meta = read_meta(tokens)
     windows = split_samples(tokens, "train", train.seq_len, packing_for(meta, train.packing), train.seed, required=True)
-    decision = decide_on_main(train, meta, windows.count, root / "data" / "tokenizer",
-                              root / "recovery", False, 1)
+    decision = decide_on_main(train, meta, windows.count, root / "data" / "tokenizer", root / "recovery", False, 1)
     device = torch.device(case["device"])
     precision = pick_precision(train.precision, device, warn=False)
     trainee = build_trainee(train, decision, World(device=device), Path(train.out_dir) / "live", precision)
@@ -115,7 +116,7 @@ def measure(case: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
         with (contextlib.nullcontext() if cuda else torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)) as profiler:
-            session = build_session(root, case, case["lora_r"])
+            session = build_session(root, case, train_settings(root, case, case["lora_r"]))
             for step in range(2):
                 session.step(step)
         peak = torch.cuda.max_memory_allocated() if cuda else _peak_allocated(profiler)
@@ -124,23 +125,24 @@ def measure(case: dict) -> dict:
                 "trained": sum(p.numel() for p in session.model.parameters() if p.requires_grad)}
 
 
-def in_fresh_process(case: dict) -> dict:
-    """`measure` in a child process, so each peak is its own."""
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case), "--threads",
+def in_fresh_process(case: dict, script: str = __file__) -> dict:
+    """`measure` of `script` (run with `--child`) in a child process, so each peak is its own."""
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(case), "--threads",
                            str(torch.get_num_threads())], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def times_and_sizes(case: dict, rounds: int) -> dict:
-    """Both runs in this process: their step times interleaved (medians), and what a session of each saves."""
+def times_and_sizes(case: dict, rounds: int, settings_in: Callable[[Path], dict[str, dict]]) -> dict:
+    """The runs `settings_in(root)` names (name -> its train.* settings), in this process: their step times
+    interleaved (medians), and what a session of each saves."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, case)
-        sessions = {"full": build_session(root, case, 0), "lora": build_session(root, case, case["lora_r"])}
+        sessions = {name: build_session(root, case, settings) for name, settings in settings_in(root).items()}
         for s in sessions.values():
-            s.step(0)  # warm-up: first allocations, the AdamW state
+            s.step(0)  # warm-up: first allocations, the optimizer state
         times = {name: [] for name in sessions}
         for step in range(1, rounds + 1):
             for name, s in sessions.items():
@@ -183,32 +185,46 @@ def one_session(case: dict) -> list[str]:
     return [line.strip() for line in done.stdout.splitlines() if line.lstrip().startswith(keep) or "peak" in line]
 
 
-def main() -> None:
-    """Run the comparison (or one session) and print it, then a JSON summary."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="llama-124m")
+def add_arguments(parser: argparse.ArgumentParser, sizes: dict, *, rounds: str, session: str, steps: str,
+                  checkpointing: str, threads: str) -> None:
+    """The arguments of this bench and of bench/bench_qlora.py: `--size` (one of `sizes`), the case, and the help
+    texts of those whose meaning differs between them."""
+    parser.add_argument("--size", choices=sorted(sizes), default="llama-124m")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved steps timed per run")
-    parser.add_argument("--session", action="store_true", help="run one LoRA session of the train stage instead")
-    parser.add_argument("--steps", type=int, default=20, help="steps of that session")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="for that session")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: torch's default); on a busy machine 1 thread gives steadier figures")
+    parser.add_argument("--rounds", type=int, default=3, help=rounds)
+    parser.add_argument("--session", action="store_true", help=session)
+    parser.add_argument("--steps", type=int, default=20, help=steps)
+    parser.add_argument("--activation-checkpointing", action="store_true", help=checkpointing)
+    parser.add_argument("--threads", type=int, default=0, help=threads)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def case_of(args: argparse.Namespace) -> dict:
+    """The case those arguments describe."""
+    return {"size": args.size, "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "lora_r": args.lora_r, "steps": args.steps,
+            "checkpointing": args.activation_checkpointing,
+            "base_dtype": "bfloat16" if args.device == "cuda" else "float32"}  # as pretrained models are shipped
+
+
+def main() -> None:
+    """Run the comparison (or one session) and print it, then a JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, SIZES, rounds="interleaved steps timed per run",
+                  session="run one LoRA session of the train stage instead", steps="steps of that session",
+                  checkpointing="for that session",
+                  threads="torch threads (0: torch's default); on a busy machine 1 thread gives steadier figures")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return
-    case = {"size": args.size, "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "lora_r": args.lora_r, "steps": args.steps,
-            "checkpointing": args.activation_checkpointing,
-            "base_dtype": "bfloat16" if args.device == "cuda" else "float32"}  # as pretrained models are shipped
+    case = case_of(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.size}, micro-batch "
           f"{args.batch_size} x {args.seq_len} tokens, LoRA r={args.lora_r}", flush=True)
     if args.session:
@@ -217,7 +233,8 @@ def main() -> None:
         print(json.dumps({"case": case, "lines": lines}))
         return
     peaks = {name: in_fresh_process({**case, "lora_r": r}) for name, r in (("full", 0), ("lora", args.lora_r))}
-    result = {"case": case, "memory": peaks, **times_and_sizes(case, args.rounds)}
+    result = {"case": case, "memory": peaks, **times_and_sizes(case, args.rounds, lambda root: {
+        "full": train_settings(root, case, 0), "lora": train_settings(root, case, case["lora_r"])})}
     for name in ("full", "lora"):
         m, cache = peaks[name], result["cache"][name]
         stored = ", ".join(f"{part} {memory.size(n)}" for part, n in cache.items())

@@ -18,7 +18,6 @@ the checkpoint each saves and of its exports.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,17 +31,18 @@ from transformers import LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_lora  # noqa: E402
-from bench_lora import SIZES, prepare, saved_bytes  # noqa: E402
+from bench_lora import (  # noqa: E402
+    SIZES,
+    add_arguments,
+    build_session,
+    case_of,
+    in_fresh_process,
+    prepare,
+    times_and_sizes,
+)
 from bench_memory import _peak_allocated  # noqa: E402
 
-from stages.lib.base.params import parse_params  # noqa: E402
-from stages.lib.distributed.world import World  # noqa: E402
 from stages.lib.modeling import memory  # noqa: E402
-from stages.lib.modeling.precision import pick_precision  # noqa: E402
-from stages.lib.tokenizing.batches import TrainBatches, split_samples  # noqa: E402
-from stages.lib.tokenizing.token_files import packing_for, read_meta  # noqa: E402
-from stages.lib.training.loop import Session  # noqa: E402
-from stages.lib.training.trainer import build_trainee, decide_on_main  # noqa: E402
 
 # A Llama-3.2-1B-shaped model (1.24B parameters with its 128k vocabulary, tied embeddings), for a GPU.
 SIZES = {**SIZES, "llama-1b": lambda: LlamaConfig(
@@ -69,20 +69,6 @@ def train_settings(root: Path, case: dict, way: str) -> dict:
     return settings
 
 
-def build_session(root: Path, case: dict, way: str) -> Session:
-    """A session of that way's run as the train stage builds it, on this process."""
-    train = parse_params({"train": train_settings(root, case, way)}).train
-    tokens = root / "data" / "tokens"
-    meta = read_meta(tokens)
-    windows = split_samples(tokens, "train", train.seq_len, packing_for(meta, train.packing), train.seed, required=True)
-    decision = decide_on_main(train, meta, windows.count, root / "data" / "tokenizer", root / "recovery", False, 1)
-    device = torch.device(case["device"])
-    precision = pick_precision(train.precision, device, warn=False)
-    trainee = build_trainee(train, decision, World(device=device), Path(train.out_dir) / "live", precision)
-    return Session(train, decision, trainee, precision, TrainBatches(windows, train.seed, train.batch_size, 1),
-                   None, time.monotonic(), root / "recovery")
-
-
 def measure(case: dict) -> dict:
     """In this process: the peak memory of building `case["way"]` and two of its steps."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +77,7 @@ def measure(case: dict) -> dict:
         cuda = case["device"] == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-            session = build_session(root, case, case["way"])
+            session = build_session(root, case, train_settings(root, case, case["way"]))
             held, built = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             for step in range(2):
@@ -101,7 +87,7 @@ def measure(case: dict) -> dict:
         else:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                         profile_memory=True) as profiler:
-                session = build_session(root, case, case["way"])
+                session = build_session(root, case, train_settings(root, case, case["way"]))
                 torch.empty(MARK, dtype=torch.uint8)  # where building ends, in the allocation events
                 for step in range(2):
                     session.step(step)
@@ -128,31 +114,6 @@ def _held_and_peak_after_mark(profiler) -> tuple[int, int]:
         if mark is not None:
             peak = max(peak, held)
     return mark, peak
-
-
-def in_fresh_process(case: dict) -> dict:
-    """`measure` in a child process, so each peak is its own."""
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case), "--threads",
-                           str(torch.get_num_threads())], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def times_and_sizes(case: dict, rounds: int) -> dict:
-    """The four ways in this process: their step times interleaved (medians), and what a session of each saves."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        prepare(root, case)
-        sessions = {way: build_session(root, case, way) for way in WAYS}
-        for s in sessions.values():
-            s.step(0)  # warm-up: first allocations, the optimizer state
-        times = {way: [] for way in sessions}
-        for step in range(1, rounds + 1):
-            for way, s in sessions.items():
-                times[way].append(s.step(step)[2])
-        sizes = {way: saved_bytes(root, s, rounds + 1) for way, s in sessions.items()}
-    return {"seconds_per_step": {way: statistics.median(t) for way, t in times.items()}, "cache": sizes}
 
 
 def sessions_through_the_stage(case: dict) -> dict:
@@ -183,28 +144,16 @@ def sessions_through_the_stage(case: dict) -> dict:
 def main() -> None:
     """Run the comparison (or the two sessions) and print it, then a JSON summary."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="llama-124m")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved steps timed per way")
-    parser.add_argument("--session", action="store_true", help="run a QLoRA and a LoRA session of the train stage")
-    parser.add_argument("--steps", type=int, default=20, help="steps of those sessions")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="for those sessions")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_arguments(parser, SIZES, rounds="interleaved steps timed per way",
+                  session="run a QLoRA and a LoRA session of the train stage", steps="steps of those sessions",
+                  checkpointing="for those sessions", threads="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return
-    case = {"size": args.size, "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "lora_r": args.lora_r, "steps": args.steps,
-            "checkpointing": args.activation_checkpointing,
-            "base_dtype": "bfloat16" if args.device == "cuda" else "float32"}  # as pretrained models are shipped
+    case = case_of(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.size}, micro-batch "
           f"{args.batch_size} x {args.seq_len} tokens, LoRA r={args.lora_r}", flush=True)
     if args.session:
@@ -216,8 +165,9 @@ def main() -> None:
         print(json.dumps({"case": case, "sessions": found}))
         return
     started = time.monotonic()
-    peaks = {way: in_fresh_process({**case, "way": way}) for way in WAYS}
-    result = {"case": case, "memory": peaks, **times_and_sizes(case, args.rounds)}
+    peaks = {way: in_fresh_process({**case, "way": way}, __file__) for way in WAYS}
+    result = {"case": case, "memory": peaks,
+              **times_and_sizes(case, args.rounds, lambda root: {way: train_settings(root, case, way) for way in WAYS})}
     for way in WAYS:
         m, cache = peaks[way], result["cache"][way]
         stored = ", ".join(f"{part} {memory.size(n)}" for part, n in cache.items())
