@@ -86,14 +86,19 @@ def find(checkpoint_dir: Path, recovery_dir: Path) -> Found:
                 state = read_state(path)
                 found.setdefault((state["step"], state["fingerprint"]), Checkpoint(path, state))
     checkpoints = sorted(found.values(), key=lambda c: c.step, reverse=True)
-    return Found(checkpoints, _confirmed(_read_recorded(Path(recovery_dir)), checkpoints))
+    return Found(checkpoints, _confirmed(_read_recorded(Path(recovery_dir)), checkpoints, Path(checkpoint_dir)))
 
 
-def _confirmed(recorded: dict | None, checkpoints: list[Checkpoint]) -> dict | None:
-    """The note that DVC recorded a checkpoint, when DVC's cache confirms it (or there is no cache to ask)."""
-    cache = dvc_cache()
-    named = [c for c in checkpoints if recorded == {"step": c.step, "fingerprint": c.state["fingerprint"]}]
-    if recorded is None or cache is None or not named:
+def _confirmed(recorded: dict | None, checkpoints: list[Checkpoint], checkpoint_dir: Path) -> dict | None:
+    """The note that DVC recorded a checkpoint, when DVC's cache confirms it (or there is no cache to ask).
+
+    The note only matters for a checkpoint found in the recovery folder alone (Found.recorded_by_dvc is asked of a
+    recovery copy newer than the checkpoint in place), so DVC's cache is searched only then: after a session that
+    ended normally the named checkpoint is in the checkpoint folder, and nothing is read."""
+    named = [c for c in checkpoints
+             if recorded == {"step": c.step, "fingerprint": c.state["fingerprint"]} and c.path.parent != checkpoint_dir]
+    cache = dvc_cache() if named else None
+    if cache is None:
         return recorded
     return recorded if any(recorded_in_cache(c.path, cache) for c in named) else None
 
