@@ -129,13 +129,13 @@ class Day:
         """Hold the run's lease in the git remote for the rest of the command (none without a remote)."""
         ws.say(f"2/{STEPS} taking the lease: one session at a time for this run")
         self.upstream = ws.output_of("git", "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}")
-        self.git_remote = _git_remote()
+        branch = ws.output_of("git", "branch", "--show-current")
+        self.git_remote = _git_remote(branch)
         if self.git_remote is None:
             print("no git remote: no lease, so nothing stops another clone from training this run at the same time")
             yield
             return
-        branch = ws.output_of("git", "branch", "--show-current") or "HEAD"
-        lease, note = Lease.take(self.git_remote, branch, self.ends_at)
+        lease, note = Lease.take(self.git_remote, branch or "HEAD", self.ends_at)
         print(note)
         lease.keep_alive()
         try:
@@ -395,9 +395,8 @@ class Day:
                 f"-> {self.after['step']}' && git push")
 
 
-def _git_remote() -> str | None:
+def _git_remote(branch: str | None) -> str | None:
     """The remote the lease lives in: the current branch's upstream remote, else `origin`, else the only one."""
-    branch = ws.output_of("git", "branch", "--show-current")
     configured = ws.output_of("git", "config", f"branch.{branch}.remote") if branch else None
     if configured and configured != ".":
         return configured
