@@ -31,7 +31,7 @@ from typing import Any
 
 from stages.lib.base.errors import UserError
 from stages.lib.ingest import chat_templates as templates
-from stages.lib.ingest.fields import Mapping, Read, _dropped, _first, _message, _need, _string, json_type
+from stages.lib.ingest.fields import Mapping, Read, _dropped, _first, _message, _need, _string, field_value, json_type
 from stages.lib.ingest.readers import RecordError
 from stages.lib.tokenizing.records import CONTROL_KEY
 
@@ -59,8 +59,8 @@ def read_preference(record: Any, m: Mapping) -> Read:
     prompt_key = _first(record, m.prompt) or _first(record, m.messages)
     dropped: list[str] = []
     roles = dict(m.roles)
-    chosen, rejected = (_value(record[k], k, m, roles, dropped) for k in (chosen_key, rejected_key))
-    prompt = _value(record[prompt_key], prompt_key, m, roles, dropped) if prompt_key else None
+    chosen, rejected = (_value(field_value(record, k), k, m, roles, dropped) for k in (chosen_key, rejected_key))
+    prompt = _value(field_value(record, prompt_key), prompt_key, m, roles, dropped) if prompt_key else None
     pair = _split(prompt, chosen, rejected)
     return Read(pair, dropped + _dropped(record, {chosen_key, rejected_key, prompt_key}))
 
