@@ -161,8 +161,6 @@ def file_kind(path: Path, layout: str, mapping: Mapping, render: RenderParams) -
         return kind
     whole = Piece(path.as_posix(), 0, layout, "empty")
     for _, item in read_piece(whole, render.text_split, render.records_field, max_record_bytes(render)):
-        if (many := conversation_list(item, mapping)) is not None:
-            item = with_field(item, many[0], many[1][0])
         kind = None if isinstance(item, RecordError) else detect_kind(item, mapping)
         if kind:
             return kind

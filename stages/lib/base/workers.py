@@ -15,6 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 AHEAD = 2  # items in flight per worker
@@ -62,21 +63,16 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable, workers: int, initial
     pool = ProcessPoolExecutor(workers, context, _start_worker, (doing, initializer, initargs))
     try:
         numbered = enumerate(items)
-        pending = deque(pool.submit(_run, fn, number, item) for number, item in _take(numbered, workers * AHEAD))
+        pending = deque(pool.submit(_run, fn, number, item) for number, item in islice(numbered, workers * AHEAD))
         while pending:
             result = pending.popleft().result()
-            for number, item in _take(numbered, 1):
+            for number, item in islice(numbered, 1):
                 pending.append(pool.submit(_run, fn, number, item))
             yield result
     except BrokenProcessPool:  # from result(), or from submit() once the pool knows
         raise _death(pool, doing) from None
     finally:  # on an error, the items not started are dropped; the ones running finish first
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _take(numbered: Iterator, n: int) -> Iterator:
-    for _, pair in zip(range(n), numbered):
-        yield pair
 
 
 _doing: Any = None  # in a worker: the shared table of what each worker does
