@@ -110,18 +110,19 @@ def read_pairs(tokens_dir: str | Path, split: str) -> PairFiles | None:
     return PairFiles(ids, mask, index.reshape(-1, 4))
 
 
-def fit_pair(prompt: int, chosen: int, rejected: int, limit: int) -> tuple[int, int]:
-    """(prompt tokens kept from its end, answer tokens kept from their start) so that prompt + answer <= limit.
+def fit_pair(prompt, chosen, rejected, limit: int) -> tuple:
+    """(prompt tokens kept from its end, answer tokens kept from their start) so that prompt + answer <= limit, for
+    one pair's lengths or for arrays of them (numpy arrays in, arrays out).
 
     Nothing is cut when both sequences fit. Otherwise the prompt keeps what the longer answer leaves, but at least
     half the limit when it is that long, and the answers keep the rest: TRL's default (the prompt's end and the
     answers' beginnings matter most).
     """
-    longest = max(chosen, rejected)
-    if prompt + longest <= limit:
-        return prompt, longest
-    kept = min(prompt, max(limit - longest, limit // 2))
-    return kept, limit - kept
+    longest = np.maximum(chosen, rejected)
+    over = prompt + longest > limit
+    kept = np.where(over, np.minimum(prompt, np.maximum(limit - longest, limit // 2)), prompt)
+    answer = np.where(over, limit - kept, longest)
+    return (kept, answer) if isinstance(kept, np.ndarray) and kept.ndim else (int(kept), int(answer))
 
 
 class PreferencePairs:
@@ -135,10 +136,9 @@ class PreferencePairs:
         self.files, self.seq_len, self.reference = files, seq_len, reference
         self.count = self.documents = len(files)
         lengths = files.index[:, 1:].astype(np.int64)
-        prompt, longest, limit = lengths[:, 0], lengths[:, 1:].max(axis=1), seq_len + 1
-        over = prompt + longest > limit
-        kept = np.where(over, np.minimum(prompt, np.maximum(limit - longest, limit // 2)), prompt)  # as fit_pair
-        answer = np.where(over, limit - kept, longest)
+        prompt, limit = lengths[:, 0], seq_len + 1
+        over = prompt + lengths[:, 1:].max(axis=1) > limit
+        kept, answer = fit_pair(prompt, lengths[:, 1], lengths[:, 2], limit)
         inputs = 2 * kept + np.minimum(lengths[:, 1], answer) + np.minimum(lengths[:, 2], answer) - 2
         padding = 1 - inputs.sum() / (2 * self.count * seq_len) if self.count else 0.0
         self._facts = {"packing": "pairs", "samples": self.count, "padding_share": float(padding),
