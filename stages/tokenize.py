@@ -40,7 +40,7 @@ from stages.lib.tokenizing import long_records
 from stages.lib.tokenizing.encoders import encoder_for
 from stages.lib.tokenizing.mixture import read_spans, validation_split, weighted
 from stages.lib.tokenizing.pairs import PairWriter, has_pairs, pair_record, write_pair_meta_entry
-from stages.lib.tokenizing.records import CONTROL_KEY, RECORDS_FILE, STATS_FILE, Document, as_document, parse_record
+from stages.lib.tokenizing.records import CONTROL_KEY, RECORDS_FILE, Document, as_document, parse_record, read_stats
 from stages.lib.tokenizing.token_files import SplitWriter, dominant_documents, id_dtype, new_meta, write_meta
 
 _INDEX_BLOCK = 16 << 20  # bytes read at a time while indexing lines
@@ -103,7 +103,7 @@ def tokenize_records(records_path: Path, tokenizer_dir: Path, out_dir: Path, par
             for longest in meta["splits"][split]["longest_documents"]:
                 record = order[longest["index"]]
                 longest["source"] = record_source(records_path, int(starts[record]), int(lengths[record]), chunk_bytes)
-        if has_pairs(_record_kinds(records_path)):
+        if has_pairs((read_stats(records_path.parent) or {}).get("formats", {})):
             write_pairs(records_path, starts, lengths, splits, tok, folder, meta)
         write_meta(folder, meta)
     print_summary(meta)
@@ -131,12 +131,6 @@ class SpecialTokenText:
                            "tokens": sorted(set(tokens))} for r, tokens in self.first.items()]}
 
 
-def _record_kinds(records_path: Path) -> dict:
-    """The kind of each rendered file (stats.json's `formats`), or nothing when stats.json is missing."""
-    path = records_path.parent / STATS_FILE
-    return json.loads(path.read_text(encoding="utf-8")).get("formats", {}) if path.is_file() else {}
-
-
 def write_pairs(records_path: Path, starts: np.ndarray, lengths: np.ndarray, splits: dict, tok: TokenizerInfo,
                 folder: Path, meta: dict, per_chunk: int = 1024) -> None:
     """Each split's preference pairs in their own token files (stages/lib/tokenizing/pairs.py), in the split's order.
@@ -144,12 +138,12 @@ def write_pairs(records_path: Path, starts: np.ndarray, lengths: np.ndarray, spl
     The prompt and each answer are encoded apart; an answer's mask comes from its response segments as an SFT
     document's does, and its EOS counts (ending the answer is part of it).
     """
-    with open(records_path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+    with open(records_path, "rb") as f:
         for split, order in splits.items():
             with PairWriter(folder, split, meta["dtype"]) as writer:
                 for first in range(0, len(order), per_chunk):
                     picked = order[first:first + per_chunk]
-                    lines = pool.map(lambda i: os.pread(f.fileno(), int(lengths[i]), int(starts[i])), picked)
+                    lines = [os.pread(f.fileno(), int(lengths[i]), int(starts[i])) for i in picked]
                     pairs = [p for p in map(pair_record, lines) if p is not None]
                     prompts, chosen, rejected = (
                         encode_documents(tok, [as_document({"kind": "preference", "segments": p[k]}) for p in pairs],

@@ -8,14 +8,13 @@ of them, 2.5 all twice and a seeded half a third time. So no copy of a validatio
 tokenizer stage trains a BPE on the training sources only.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from stages.lib.base.errors import UserError
-from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE
+from stages.lib.tokenizing.records import RECORDS_FILE, STATS_FILE, read_stats
 
 
 @dataclass(frozen=True)
@@ -74,10 +73,11 @@ def read_spans(rendered_dir: Path, n_records: int | None = None) -> list[SourceS
     `n_records`: the number of records in records.jsonl, checked against the sources' counts.
     """
     path = Path(rendered_dir) / STATS_FILE
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("sources") if path.is_file() else None
-    except (OSError, ValueError, AttributeError) as err:
-        raise UserError(f"{path} is damaged ({err}); rerun the render stage (dvc repro -f render)") from None
+    stats = read_stats(rendered_dir)
+    if stats is not None and not isinstance(stats, dict):
+        raise UserError(f"{path} is damaged (it holds {type(stats).__name__}, not an object); rerun the render "
+                        "stage (dvc repro -f render)")
+    recorded = stats.get("sources") if stats else None
     if not recorded:
         return [SourceSpan("", 1.0, False, n_records or 0)]
     spans = [SourceSpan(s["path"], float(s["weight"]), bool(s["validation"]), int(s["records"])) for s in recorded]

@@ -4,6 +4,7 @@ stages read them, and generate reads which templates they used."""
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stages.lib.base.errors import UserError
 
@@ -104,14 +105,22 @@ def templates_used(rendered_dir: Path, required: bool = False) -> list[str] | No
 
     `required`: a missing stats.json is an error saying to run the render stage.
     """
-    path = Path(rendered_dir) / STATS_FILE
-    if not path.is_file():
+    stats = read_stats(rendered_dir)
+    if stats is None:
         if required:
-            raise UserError(f"{path} not found: run the render stage first (dvc repro render)")
+            raise UserError(f"{Path(rendered_dir) / STATS_FILE} not found: run the render stage first (dvc repro "
+                            "render)")
         return None
-    try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is damaged ({err}); rerun the render stage (dvc repro -f render)") from None
     used = stats.get("templates") if isinstance(stats, dict) else None
     return list(used) if isinstance(used, list) else []
+
+
+def read_stats(rendered_dir: Path) -> Any:
+    """The render stage's stats.json as parsed, None when there is none; a UserError when it is damaged."""
+    path = Path(rendered_dir) / STATS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({err}); rerun the render stage (dvc repro -f render)") from None
