@@ -94,6 +94,13 @@ def test_field_names_are_mapped():
     assert (prompt(records[0]), answer(records[0], "chosen"), answer(records[0], "rejected")) == ("Q?", "yes", "no")
 
 
+def test_dotted_field_names_reach_into_nested_objects():
+    write("raw/q.jsonl", jsonl({"ask": {"text": "Q?"}, "answers": {"good": "yes", "bad": "no"}}))
+    records, _ = run("raw/q.jsonl", format="preference", fields={"prompt": "ask.text", "chosen": "answers.good",
+                                                                   "rejected": "answers.bad"})
+    assert (prompt(records[0]), answer(records[0], "chosen"), answer(records[0], "rejected")) == ("Q?", "yes", "no")
+
+
 def test_suspicious_pairs_are_counted_and_located():
     shared = "\n\nHuman: Hi\n\nAssistant:"
     write("raw/s.jsonl", jsonl({"prompt": "a", "chosen": "same", "rejected": "same"},
